@@ -1,0 +1,371 @@
+"""
+SmolLM2 (a Llama-architecture decoder) in one file.
+
+Reads bottom-up: config and presets -> RoPE -> RMSNorm -> Attention (with KV cache) -> FeedForward -> Block -> GPT.
+Names follow Meta's Llama code (tok_embeddings, layers, attention.wqkv, feed_forward.w13/w2, attention_norm, ffn_norm,
+norm, output); checkpoint.py translates to and from the Hugging Face and GGUF layouts.
+References: ../shared/REFERENCE.md, nanoGPT (model owns init, optimizer groups and MFU), gpt-fast (KV cache, presets).
+"""
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 2048          # longest sequence the RoPE tables cover (the context length)
+    vocab_size: int = 49152
+    n_layer: int = 30
+    n_head: int = 9                 # query heads
+    n_kv_head: int = 3              # key/value heads (grouped-query attention); n_head % n_kv_head == 0
+    n_embd: int = 576
+    intermediate_size: int = 1536   # SwiGLU hidden width
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: Optional[float] = None  # None -> n_embd**-0.5, as nanotron's SmolLM2 configs
+    tie_embeddings: bool = True
+    bos_token_id: int = 0           # metadata carried to config.json / generation_config.json
+    eos_token_id: int = 0
+    # runtime switches for the Triton kernels (kernels/): None = on CUDA tensors only, True = always (CPU tensors need
+    # TRITON_INTERPRET=1), False = the PyTorch reference path (SDPA for attention). One flag per op for ablations.
+    triton_rmsnorm: Optional[bool] = None
+    triton_rope: Optional[bool] = None
+    triton_attention: Optional[bool] = None
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} (grouped-query attention)")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.init_std is None:
+            self.init_std = self.n_embd ** -0.5
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# Pretraining shapes (context 2048, rope_theta 10000). init_std from the nanotron YAMLs (REFERENCE.md §1).
+PRESETS = {
+    "tiny": dict(block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=160, init_std=0.02),
+    "smol135m": dict(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536, init_std=1 / math.sqrt(576)),
+    "smol360m": dict(n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560, init_std=1 / math.sqrt(960)),
+    "smol1.7b": dict(n_layer=24, n_head=32, n_kv_head=32, n_embd=2048, intermediate_size=8192, init_std=0.02),
+}
+
+# -----------------------------------------------------------------------------
+# Triton kernels: imported lazily, so model.py works where triton is absent.
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _use_kernel(flag: Optional[bool], x: torch.Tensor) -> bool:
+    if flag is False or (flag is None and not x.is_cuda):
+        return False
+    if not (x.is_cuda or _INTERPRET):
+        raise RuntimeError("a triton_* switch is True but the tensors are on the CPU: set TRITON_INTERPRET=1 to run the "
+                           "kernels in Triton's interpreter, or use None (auto) / False")
+    return True
+
+
+def _kernels():
+    import kernels  # noqa: lazy so model.py imports without triton
+    return kernels
+
+# -----------------------------------------------------------------------------
+# Rotary embeddings, rotate-half layout (Hugging Face's, not Meta's interleaved pairs)
+
+
+def rope_tables(block_size: int, head_dim: int, theta: float, device=None):
+    # cos, sin of shape (block_size, head_dim/2), always fp32: bf16 angles lose positions past a few hundred
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    t = torch.arange(block_size, device=device, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)  # (T, D/2)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, T, H, D); cos, sin (T, D/2). out = cat(x1 cos - x2 sin, x2 cos + x1 sin), computed in fp32
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2) broadcasts over heads
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+# -----------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, use_triton: Optional[bool] = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.use_triton = use_triton
+
+    def forward(self, x):
+        if _use_kernel(self.use_triton, x):
+            return _kernels().rms_norm(x, self.weight, self.eps)
+        # statistics in fp32, as transformers' LlamaRMSNorm; the scale multiplies after the cast back
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    # static per-layer cache (gpt-fast): prefill writes positions [0, T), each decode step writes one more
+    def __init__(self, batch_size, max_len, n_kv_head, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k, v):
+        # k, v (B, Hkv, T, D) written at [pos, pos+T); returns the valid prefix (B, Hkv, pos+T, D)
+        T = k.shape[2]
+        self.k[:, :, pos:pos + T] = k
+        self.v[:, :, pos:pos + T] = v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # q, k, v in one matmul (one launch instead of three); checkpoint.py splits it for Hugging Face
+        self.wqkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.cfg = cfg
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, pos: Optional[int] = None):
+        B, T, C = x.size()
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)  # (B, T, heads, D)
+        if _use_kernel(self.cfg.triton_rope, x):
+            q, k = _kernels().rope(q, cos, sin), _kernels().rope(k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if self.kv_cache is None and _use_kernel(self.cfg.triton_attention, x):
+            y = _kernels().attention(q, k, v, causal=True)  # (B, T, H, D), GQA inside the kernel
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+            causal, mask = True, None
+            if self.kv_cache is not None:
+                k, v = self.kv_cache.update(pos, k, v)  # (B, Hkv, pos+T, D)
+                if T == 1:
+                    causal = False  # one new query sees every cached key
+                elif pos > 0:  # a chunk after a prefix: query i sees keys <= pos + i
+                    causal = False
+                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv)
+            y = y.transpose(1, 2)  # (B, T, H, D)
+        return self.wo(y.reshape(B, T, H * D))
+
+
+class FeedForward(nn.Module):
+    # SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused into one matmul
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.triton_rmsnorm)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.triton_rmsnorm)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, pos=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps, config.triton_rmsnorm)
+        self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # one tensor, counted once
+        self.activation_checkpointing = False  # recompute each block in backward (train.py's switch)
+        self.tokenizer = None  # set by from_pretrained when the checkpoint carries one; save_pretrained writes it
+        self.setup_rope(config.block_size, config.rope_theta)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def setup_rope(self, block_size: int, rope_theta: float):
+        # (re)build the fp32 cos/sin tables: also the long-context switch (2k -> 8k context, larger theta)
+        self.config.block_size, self.config.rope_theta = block_size, rope_theta
+        device = self.tok_embeddings.weight.device
+        device = None if device.type == "meta" else device
+        cos, sin = rope_tables(block_size, self.config.head_dim, rope_theta, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        # SmolLM2 / nanotron: every weight N(0, std); the projections that write into the residual stream (wo, w2)
+        # get std / sqrt(2 n_layer) so the residual variance does not grow with depth (GPT-2 paper §2.3); norms 1.
+        if self.config.tie_embeddings:  # to_empty() materialises the two names as two tensors: tie them again
+            self.output.weight = self.tok_embeddings.weight
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        self.setup_rope(self.config.block_size, self.config.rope_theta)  # buffers were empty after to_empty()
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def hidden_states(self, idx, pos: Optional[int] = None):
+        # idx (B, T) -> final-normed hidden states (B, T, C); pos is the cache offset during generation
+        B, T = idx.size()
+        start = 0 if pos is None else pos
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}; "
+                             f"call model.setup_rope(block_size, rope_theta) for a longer context")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D/2)
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, pos)
+        return self.norm(x)
+
+    def forward(self, idx, targets=None):
+        logits = self.output(self.hidden_states(idx))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            # mean over positions whose target is not -100; fp32 softmax even under bf16 autocast
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+    # ------------------------------------------------------------------ optimisation and accounting
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, device_type="cpu",
+                             decay_all=False):
+        # matrices and embeddings decay, norm gains do not (nanoGPT). decay_all=True reproduces nanotron's SmolLM2
+        # runs, which applied weight decay to every parameter (REFERENCE.md §3).
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2 or decay_all]
+        no_decay = [p for p in params if not (p.dim() >= 2 or decay_all)]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"  # one kernel for all parameters; the CPU path is the foreach one
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        # training FLOPs per token (forward + backward = 3x forward): 6 per weight of every matmul (the tied
+        # output head included, the embedding lookup excluded) plus attention scores and values: 4*T*D per head per
+        # layer forward, halved because causal attention computes only the lower triangle (as FlashAttention counts).
+        cfg, T = self.config, seq_len or self.config.block_size
+        n_matmul = self.num_params() - self.tok_embeddings.weight.numel() * (not cfg.tie_embeddings)
+        n_matmul -= sum(p.numel() for n, p in self.named_parameters() if n.endswith("norm.weight"))
+        attn = 3 * cfg.n_layer * cfg.n_head * 4 * T * cfg.head_dim / 2
+        return 6 * n_matmul + attn
+
+    def estimate_mfu(self, tokens_per_sec: float, peak_flops: float, seq_len: Optional[int] = None) -> float:
+        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+    # ------------------------------------------------------------------ generation with a KV cache
+
+    def setup_cache(self, batch_size: int, max_len: int):
+        w = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
+                                               w.dtype, w.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
+                        generator=None):
+        # idx (B, T) prompts of equal length; yields the next tokens (B,) one step at a time. Prefill runs the prompt
+        # once and fills the cache; each later step feeds one token. Finished rows (a stop token) keep repeating it.
+        B, T = idx.shape
+        max_len = min(T + max_new_tokens, self.config.block_size)
+        if T >= self.config.block_size:
+            raise ValueError(f"prompt of {T} tokens leaves no room in block_size={self.config.block_size}")
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        self.setup_cache(B, max_len)
+        try:
+            logits = self.output(self.hidden_states(idx, pos=0)[:, -1])  # (B, vocab): only the last position
+            last = torch.zeros(B, dtype=torch.long, device=idx.device)
+            for pos in range(T, max_len):
+                nxt = torch.where(done, last, sample_next(logits, temperature, top_k, top_p, generator))  # (B,)
+                done = done | torch.isin(nxt, stop)
+                yield nxt
+                if pos + 1 == max_len or (len(stop) and bool(done.all())):  # .item()-like sync only with stop tokens
+                    return
+                last = nxt
+                logits = self.output(self.hidden_states(nxt[:, None], pos=pos)[:, -1])
+        finally:
+            self.clear_cache()
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(), generator=None):
+        out = [idx]
+        for nxt in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator):
+            out.append(nxt[:, None])
+        return torch.cat(out, dim=1)  # (B, T + new)
+
+    # ------------------------------------------------------------------ checkpoints (checkpoint.py does the work)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", **overrides):
+        from checkpoint import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, device=device, **overrides)
+
+    def save_pretrained(self, out_dir: str, tokenizer=None):
+        from checkpoint import save_pretrained
+        save_pretrained(self, out_dir, tokenizer if tokenizer is not None else self.tokenizer)
+
+
+# -----------------------------------------------------------------------------
+# sampling helpers (pure functions)
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    # logits (B, vocab) -> token ids (B,). temperature 0 is greedy.
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p (the top token always)
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
