@@ -263,7 +263,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             # mean over positions whose target is not -100; fp32 softmax even under bf16 autocast
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     # ------------------------------------------------------------------ optimisation and accounting

