@@ -1,0 +1,45 @@
+# nanosmol's Triton kernels, one file per op, each registered with torch.library (namespace "nanosmol::") so that
+# torch.compile(model, fullgraph=True) traces through them, each differentiable:
+#   kernels.rms_norm(x, weight, eps)     x (..., C), weight (C,)             rmsnorm.py
+#   kernels.rope(x, cos, sin)            x (B, T, H, D), cos/sin (T, D/2)     rope.py
+#   kernels.attention(q, k, v, causal)   q (B, T, H, D), k/v (B, T, Hkv, D)   attention.py  (FlashAttention-2, GQA)
+# model.py calls them on CUDA by default and keeps its PyTorch code as the reference (triton_*=False).
+# Without a GPU, TRITON_INTERPRET=1 (set before this import; conftest.py does it) runs them on CPU tensors, slowly.
+# Importing this package never fails: without Triton (macOS, Windows) the ops raise an error that says what to do.
+from kernels.utils import interpreting
+
+try:
+    import triton  # noqa: F401
+    _import_error = None
+except Exception as e:  # pragma: no cover - exercised only on machines without triton
+    _import_error = e
+
+if _import_error is None:
+    from kernels.attention import attention
+    from kernels.rmsnorm import rms_norm
+    from kernels.rope import rope
+    from kernels.utils import launches
+    _interpret_at_import = interpreting()  # @triton.jit chose interpreter or compiler when the kernels were defined
+else:  # pragma: no cover
+    launches = {}
+    _interpret_at_import = False
+
+    def _missing(name):
+        def op(*args, **kwargs):
+            raise RuntimeError(f"kernels.{name} needs Triton, which failed to import ({_import_error!r}). Install it "
+                               f"(pip install triton, Linux) or use the PyTorch path (triton_*=False in model.py).")
+        op.__name__ = name
+        return op
+
+    rms_norm, rope, attention = _missing("rms_norm"), _missing("rope"), _missing("attention")
+
+
+def available() -> bool:
+    """True when the kernels can run here: Triton imports and there is a CUDA GPU, or the interpreter was on at import."""
+    if _import_error is not None:
+        return False
+    import torch
+    return torch.cuda.is_available() or _interpret_at_import
+
+
+__all__ = ["rms_norm", "rope", "attention", "available", "launches"]

@@ -1,0 +1,398 @@
+# Scaled dot-product attention, FlashAttention-2 algorithm (Dao 2023, arXiv 2307.08691), written from the paper and
+# KERNELS.md's notes; no code copied. q (B, Tq, H, D), k/v (B, Tk, Hkv, D), H a multiple of Hkv (MHA, GQA, MQA),
+# scale 1/sqrt(D), causal mask aligned bottom-right (query i sees keys j <= i + Tk - Tq, as flash-attn >= 2.1; Tq == Tk
+# in training). Any sequence length (masked tails), head_dim 64 or 128, fp32 / fp16 / bf16 (math in fp32).
+#   forward: online softmax in the exp2 domain; the causal loop is split into unmasked off-diagonal key blocks and
+#            masked diagonal/tail blocks; saves lse = logsumexp(scores) (B, H, Tq) fp32 (natural log).
+#   backward: Delta = rowsum(O * dO) pre-pass; dK/dV with one program per (key block, kv head) that loops over the
+#             q heads of its GQA group and their query blocks (fp32 register accumulation); dQ with one program per
+#             (query block, q head). No atomics anywhere: gradients are bitwise deterministic.
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from kernels.utils import check_device, dot_precision, interpreting, launch
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native instruction
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+# ----------------------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, Tk, OFFSET,
+                    QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): m = running max, l = running sum of exp2(s - m), acc = sum p v.
+    Unmasked blocks (MASKED=False) are fully visible to every row of the query block and lie inside [0, Tk)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :], mask=cols[:, None] < Tk, other=0.0)
+            v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < Tk, other=0.0)
+        else:
+            k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :])
+            v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            keep = cols[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + OFFSET)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # fully-masked-row guard: a row with no visible key yet keeps p = 0 and alpha = 0 instead of NaN (inf - inf)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, H, GROUP, Tq, Tk,
+                     QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """O[b, i, h] = sum_j softmax_j(q_i . k_j / sqrt(D)) v_j for one (query block, b, h); LSE[b, h, i] = logsumexp_j."""
+    if CAUSAL:  # the last query blocks do the most work: schedule them first (a shorter tail of lone programs)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = h // GROUP
+    OFFSET = Tk - Tq  # bottom-right causal alignment
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    if CAUSAL:
+        # keys [0, hi_full) are visible to every row >= pid_m * BLOCK_M; [hi_full, hi) need the mask
+        hi_full = (tl.maximum(tl.minimum(pid_m * BLOCK_M + OFFSET + 1, Tk), 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M + OFFSET, Tk)
+    else:
+        hi_full = (Tk // BLOCK_N) * BLOCK_N
+        hi = Tk
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, 0, hi_full, Tk, OFFSET,
+                                    QK_SCALE, HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, hi_full, hi, Tk, OFFSET,
+                                    QK_SCALE, HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key (only with causal and Tk < Tq): output 0
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)  # +inf: p = 0 in bwd
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + (b * H + h) * Tq + offs_m, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh, H, Tq,
+                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta[b, h, i] = sum_d O[b, i, h, d] * dO[b, i, h, d] (fp32): the softmax backward's row term."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + (b * H + h) * Tq + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, lo, hi, Tq, OFFSET,
+                         QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                         CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """For query blocks [lo, hi) of one q head, in the transposed (keys x queries) layout:
+    P^T = exp(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T * (dP^T - Delta), dK += dS^T Q (scaled later).
+    Unmasked blocks lie inside [0, Tq) and see every key of this key block."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        if MASKED:
+            row_ok = rows < Tq
+            q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :])
+            do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :])
+            lse = tl.load(LSE + rows)
+            delta = tl.load(DELTA + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(s_t * QK_SCALE - (lse * 1.4426950408889634)[None, :])
+        if MASKED:
+            keep = rows[None, :] < Tq
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= rows[None, :] + OFFSET)
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt,
+                          stride_kh, stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_dkb,
+                          stride_dkt, stride_dkh, H, HKV, GROUP, Tq, Tk, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """dK, dV for one (key block, b, kv head), summed over the GROUP q heads that share this kv head."""
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    hk = bh % HKV
+    OFFSET = Tk - Tq
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < Tk
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    tq_full = (Tq // BLOCK_M) * BLOCK_M
+    tq_ceil = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # rows i see key j when i >= j - OFFSET: rows below lo see none of this block; rows >= mid see all of it
+        lo = (tl.maximum(start_n - OFFSET, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - OFFSET, 0), BLOCK_M) * BLOCK_M, tq_ceil)
+        mid = tl.maximum(mid, lo)
+    else:
+        lo = 0
+        mid = 0
+    tail = tl.maximum(mid, tq_full)  # a partial last query block is handled with masks
+    # Rows of padding (key j >= Tk) compute garbage that is never stored; padded queries load as 0 and add nothing.
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
+        LSEh = LSE + (b * H + h) * Tq
+        DELTAh = DELTA + (b * H + h) * Tq
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, lo, mid, Tq,
+                                      OFFSET, QK_SCALE, HEAD_DIM, BLOCK_M, True, CAUSAL, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, mid, tq_full,
+                                      Tq, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_M, False, CAUSAL, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, tail, tq_ceil,
+                                      Tq, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_M, True, CAUSAL, DOT_PRECISION)
+    dk = dk * SM_SCALE  # S = scale * Q K^T, so dK = scale * dS^T Q
+    base = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    tl.store(DK + base, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_m, lo, hi, Tk, OFFSET,
+                       QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                       CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """For key blocks [lo, hi): P = exp(S - lse), dP = dO V^T, dS = P * (dP - Delta), dQ += dS K (scaled later)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :], mask=cols[:, None] < Tk, other=0.0)
+            v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < Tk, other=0.0)
+        else:
+            k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :])
+            v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * QK_SCALE - lse2[:, None])
+        if MASKED:
+            keep = cols[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + OFFSET)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                        stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt,
+                        stride_dqh, H, GROUP, Tq, Tk, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """dQ for one (query block, b, q head): the same key-block walk as the forward."""
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = h // GROUP
+    OFFSET = Tk - Tq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + (b * H + h) * Tq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + (b * H + h) * Tq + offs_m, mask=row_ok, other=0.0)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    if CAUSAL:
+        hi_full = (tl.maximum(tl.minimum(pid_m * BLOCK_M + OFFSET + 1, Tk), 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M + OFFSET, Tk)
+    else:
+        hi_full = (Tk // BLOCK_N) * BLOCK_N
+        hi = Tk
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_m, 0, hi_full, Tk, OFFSET,
+                            QK_SCALE, HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_m, hi_full, hi, Tk, OFFSET,
+                            QK_SCALE, HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+    dq = dq * SM_SCALE
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------------------ configs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed by (element size in bytes, head_dim). The 16-bit entries follow the
+# shapes known to work for FA2-style Triton kernels on H100 (forward 128x64; backward dK/dV 32 queries x 128 keys,
+# dQ 128 x 32); fp32 halves the tiles for shared memory. NOT yet tuned on a GPU: owed (bench_kernels.py --sweep).
+# bench_kernels.py may overwrite these dicts to sweep configs.
+FWD_CONFIGS = {(2, 64): (128, 64, 4, 3), (2, 128): (128, 64, 8, 3), (4, 64): (64, 32, 4, 2), (4, 128): (64, 32, 4, 1)}
+DKDV_CONFIGS = {(2, 64): (32, 128, 4, 3), (2, 128): (32, 64, 4, 2), (4, 64): (16, 64, 4, 2), (4, 128): (16, 32, 4, 1)}
+DQ_CONFIGS = {(2, 64): (128, 32, 4, 3), (2, 128): (64, 32, 4, 2), (4, 64): (64, 16, 4, 2), (4, 128): (32, 16, 4, 1)}
+# Under the interpreter the tiles are small (same shape ratios) so that T = 17..64 crosses several blocks, the
+# diagonal split and the masked tails: what the CPU tests are for.
+INTERPRET_CONFIGS = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
+
+
+def _config(kind, dtype, head_dim):
+    if interpreting():
+        return INTERPRET_CONFIGS[kind]
+    table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind]
+    return table[(2 if dtype in (torch.float16, torch.bfloat16) else 4, head_dim)]
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton_op("nanosmol::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    o = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    if B * H * Tq == 0:
+        return o, lse
+    block_m, block_n, num_warps, num_stages = _config("fwd", q.dtype, D)
+    launch("attention_fwd", _attn_fwd_kernel, (triton.cdiv(Tq, block_m), B * H), q, k, v, o, lse,
+           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+           v.stride(2), o.stride(0), o.stride(1), o.stride(2), H, H // Hkv, Tq, Tk,
+           QK_SCALE=LOG2E / math.sqrt(D), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+           DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+    return o, lse
+
+
+@triton_op("nanosmol::attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    do = do.contiguous()  # may arrive expanded (stride 0) or in another layout
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    dq = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Tk, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Tk, Hkv, D), dtype=v.dtype, device=v.device)
+    if B * H * Tq == 0 or Tk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    scale = 1.0 / math.sqrt(D)
+    precision = dot_precision(q.dtype)
+    block_m = _config("dq", q.dtype, D)[0]
+    launch("attention_bwd_pre", _attn_bwd_preprocess_kernel, (triton.cdiv(Tq, block_m), B * H), o, do, delta,
+           o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Tq,
+           HEAD_DIM=D, BLOCK_M=block_m, num_warps=4)
+    block_m, block_n, num_warps, num_stages = _config("dkdv", q.dtype, D)
+    launch("attention_bwd_dkdv", _attn_bwd_dkdv_kernel, (triton.cdiv(Tk, block_n), B * Hkv), q, k, v, do, lse, delta,
+           dk, dv, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+           v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1),
+           dk.stride(2), H, Hkv, H // Hkv, Tq, Tk, SM_SCALE=scale, QK_SCALE=scale * LOG2E, HEAD_DIM=D,
+           BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DOT_PRECISION=precision, num_warps=num_warps,
+           num_stages=num_stages)
+    block_m, block_n, num_warps, num_stages = _config("dq", q.dtype, D)
+    launch("attention_bwd_dq", _attn_bwd_dq_kernel, (triton.cdiv(Tq, block_m), B * H), q, k, v, do, lse, delta, dq,
+           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+           v.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+           H, H // Hkv, Tq, Tk, SM_SCALE=scale, QK_SCALE=scale * LOG2E, HEAD_DIM=D, BLOCK_M=block_m,
+           BLOCK_N=block_n, CAUSAL=causal, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal = causal
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.nanosmol.attention_bwd(do, q, k, v, o, lse, ctx.causal)
+    return dq, dk, dv, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v with q (B, T, H, D), k and v (B, T, Hkv, D); returns (B, T, H, D) in q's dtype.
+    Strided views (e.g. slices of a fused qkv projection) are read in place as long as the last dim is contiguous."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"kernels.attention: q, k, v must be (B, T, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, Tq, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"kernels.attention: k and v must be (B, Tk, Hkv, D) = ({B}, Tk, Hkv, {D}) like q "
+                         f"{tuple(q.shape)}, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"kernels.attention: the number of q heads ({H}) must be a multiple of the number of kv heads "
+                         f"({Hkv}) (MHA, GQA or MQA)")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"kernels.attention: head_dim {D} is not supported (supported: {SUPPORTED_HEAD_DIMS}); "
+                         f"use the PyTorch path (triton_attention=False)")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"kernels.attention: q, k, v must share one dtype of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    if causal and Tk < Tq:
+        raise ValueError(f"kernels.attention: causal attention needs at least as many keys as queries (Tk={Tk} < "
+                         f"Tq={Tq}); the mask is aligned bottom-right (query i sees keys j <= i + Tk - Tq)")
+    if Tk == 0 and Tq > 0:
+        raise ValueError("kernels.attention: no keys (Tk=0)")
+    check_device("attention", q, k, v)
+    o, _ = torch.ops.nanosmol.attention_fwd(q, k, v, causal)
+    return o
