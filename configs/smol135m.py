@@ -1,0 +1,38 @@
+# SmolLM2-135M pretraining (REFERENCE.md §3: the nanotron config_smollm2_135M.yaml recipe), ~2T tokens.
+#   data:   python data.py ... --out_dir=data_cache/smol   (sources named as in `stages` below)
+#   launch: torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
+#               --rdzv_endpoint=$HEAD_NODE:29500 train.py configs/smol135m.py
+#   (any world size works: 8 GPUs -> 4 accumulation steps; the objective is the same)
+out_dir = "out/smol135m"
+data_dir = "data_cache/smol"
+model = "smol135m"                 # 30 layers, 576 wide, 9 query / 3 kv heads, 134.5M parameters (tied)
+
+# global batch: 512 sequences x 2048 tokens = 1,048,576 tokens per step
+# 16 seqs x 2048 tokens x 32 GPUs x 1 accumulation step = 1,048,576
+block_size = 2048
+micro_batch_size = 16              # ~40 GiB of an 80 GiB H100 in bf16 (estimate: activations ~19 GiB + logits ~16 GiB)
+total_batch_tokens = 1_048_576
+
+# 2M steps x 1,048,576 tokens = 2.1T tokens
+max_steps = 2_000_000
+learning_rate = 3e-3
+min_lr = 0.0
+warmup_steps = 2000
+schedule = "wsd"
+decay_frac = 0.2                   # the last 400k steps decay linearly to 0
+decay_shape = "linear"
+weight_decay = 0.01
+decay_all_params = True            # nanotron applied weight decay to every parameter
+
+# one stage of high-quality data (FineWeb-Edu, DCLM filtered by the FineWeb-Edu classifier, Stack-Edu,
+# InfiMM-WebMath, FineMath, Cosmopedia). The paper does not publish these weights: ours, shaped like the 1.7B's stage 4.
+stages = [
+    {"start": 0, "weights": {"fineweb-edu": 0.30, "dclm": 0.30, "stack-edu": 0.20, "infimm-webmath": 0.05,
+                             "finemath": 0.10, "cosmopedia-v2": 0.05}},
+]
+
+eval_interval = 2000
+eval_batches = 20
+checkpoint_interval = 10_000
+keep_checkpoints = 3
+compile = True

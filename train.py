@@ -1,0 +1,675 @@
+"""
+Pretrain a SmolLM2 model: one flat script in the nanoGPT spirit (defaults below, then a config file, then --key=value).
+
+  python train.py configs/quickstart.py                                  # one CPU or GPU, no torchrun
+  python train.py configs/smol135m.py --max_steps=1000 --compile=False   # config file, then overrides
+  torchrun --standalone --nproc_per_node=8 train.py configs/smol1.7b.py  # one node, 8 GPUs (DDP)
+  torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
+      --rdzv_endpoint=$HEAD_NODE:29500 train.py configs/smol1.7b.py    # 64 GPUs; run on every node
+  ... --init_from=resume                                                 # continue exactly where out_dir stopped
+
+The global batch is set in tokens, so gradient accumulation follows from the world size and every world size
+optimises the same objective. SIGTERM/SIGINT save a checkpoint and exit (preemption); out_dir/ holds log.txt (the
+code and config of the run, then every log line), metrics.jsonl, config.json and ckpt_<step>.pt files.
+Recipe: ../shared/REFERENCE.md §3-§6 (SmolLM2 nanotron configs; WSD and weight averaging from Hägele et al. 2024).
+"""
+import glob
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# default config values: the SmolLM2-135M recipe (REFERENCE.md §3); configs/*.py and --key=value change them
+# I/O
+out_dir = "out"
+init_from = "scratch"         # "scratch", "resume" (newest checkpoint in out_dir), or a ckpt_*.pt / Hugging Face dir / .gguf to continue pretraining from
+eval_interval = 1000          # optimizer steps between evals (val loss per source + a sample); also at step 0 and the end
+eval_batches = 20             # validation batches per source: a fixed set, so every eval measures the same tokens
+checkpoint_interval = 5000    # optimizer steps between checkpoints; one is always written at the end and on SIGTERM
+keep_checkpoints = 3          # keep the newest K ckpt_*.pt in out_dir
+log_interval = 1              # optimizer steps between log lines (every line also goes to metrics.jsonl)
+sample_prompt = "The"         # the text continued at each eval ("" -> no sample)
+sample_tokens = 48            # new tokens per sample
+wandb_log = False             # log to Weights & Biases too (imported lazily, rank 0 only)
+wandb_project = "nanosmol"
+wandb_run_name = ""           # "" -> the basename of out_dir
+# data
+data_dir = "data_cache/quickstart"  # a directory built by data.py (its manifest names the sources and the tokenizer)
+data_prepare = ""             # a data.py preset; if set and data_dir is not built yet, build it first (rank 0)
+stages = [{"start": 0, "weights": {"web": 1.0}}]  # data.MixtureLoader stages; a stage may add block_size, batch_size and rope_theta
+total_batch_tokens = 1048576  # global batch per optimizer step, in tokens (512 x 2048 for 135M)
+micro_batch_size = 16         # sequences per GPU per forward/backward
+block_size = 2048             # context length (a stage may change it)
+seed = 1337                   # weights and data order; the same on every rank (each rank reads its own rows)
+# model
+model = "smol135m"            # a key of model.PRESETS
+model_overrides = {}          # single GPTConfig fields over the preset, e.g. dict(n_layer=4, n_embd=256)
+triton_rmsnorm = None         # Triton kernels (kernels/): None = auto (CUDA only), True = always, False = PyTorch
+triton_rope = None
+triton_attention = None
+activation_checkpointing = False  # recompute each block in backward: ~1/3 more compute for far less activation memory
+compile = False               # torch.compile the model
+# optimizer: AdamW as SmolLM2 (nanotron): betas (0.9, 0.95), eps 1e-8, weight decay 0.01 on every parameter
+learning_rate = 3e-3          # peak LR
+min_lr = 0.0                  # final LR at the end of the decay
+weight_decay = 0.01
+decay_all_params = True       # nanotron decayed norms too (REFERENCE.md §3); False = only matrices and embeddings
+beta1 = 0.9
+beta2 = 0.95
+adam_eps = 1e-8
+grad_clip = 1.0               # global grad-norm clip (0 = off)
+# schedule (per optimizer step)
+max_steps = 2000000           # optimizer steps; the schedule is derived from it
+schedule = "wsd"              # "wsd" (warmup-stable-decay, nanotron / Hägele et al.) or "cosine"
+warmup_steps = 2000           # linear warmup
+decay_frac = 0.2              # WSD: the last fraction of max_steps decays to min_lr
+decay_shape = "linear"        # WSD decay: "linear", "1-sqrt" (Hägele et al.: better than linear) or "cosine"
+# weight averaging
+swa = False                   # windowed weight averaging (Hägele et al. §5), evaluated beside the raw weights
+swa_window = 500              # steps per window; the average of the last finished window is evaluated
+# system
+device = "auto"               # "auto" -> cuda:LOCAL_RANK if available, else cpu
+dtype = "auto"                # "auto" -> bfloat16 autocast on CUDA, float32 on CPU; weights and optimizer stay fp32
+fsdp = False                  # shard weights/grads/optimizer state with FSDP2 (fully_shard) instead of DDP replicas
+max_nonfinite_steps = 5       # this many non-finite losses in a row stop the run
+# -----------------------------------------------------------------------------
+# config files (assignments to known keys only) and --key=value (a Python literal of the default's type), in order;
+# an unknown key is an error naming the closest valid one (configurator.py)
+from configurator import configure  # noqa: E402
+config_keys = configure(globals(), sys.argv[1:])
+config = {k: globals()[k] for k in config_keys}  # the resolved config: logged, saved with the run and in checkpoints
+
+# checks that would otherwise fail hours into a run
+for _k in ("triton_rmsnorm", "triton_rope", "triton_attention"):
+    if not (config[_k] is None or isinstance(config[_k], bool)):
+        raise SystemExit(f"config error: {_k} must be None (auto), True or False, got {config[_k]!r}")
+_choices = dict(schedule=("wsd", "cosine"), decay_shape=("linear", "1-sqrt", "cosine"), dtype=("auto", "float32", "bfloat16", "float16"))
+for _k, _c in _choices.items():
+    if config[_k] not in _c:
+        raise SystemExit(f"config error: {_k}={config[_k]!r} is not one of {_c}")
+for _k in ("max_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints", "log_interval", "micro_batch_size",
+           "block_size", "total_batch_tokens", "swa_window", "max_nonfinite_steps"):
+    if config[_k] <= 0:
+        raise SystemExit(f"config error: {_k} must be positive, got {config[_k]}")
+if not 0 <= decay_frac <= 1:
+    raise SystemExit(f"config error: decay_frac must be in [0, 1], got {decay_frac}")
+if not stages or not all(isinstance(s, dict) and "weights" in s for s in stages):
+    raise SystemExit("config error: stages must be a non-empty list of dicts with 'start' and 'weights', e.g. [{'start': 0, 'weights': {'web': 1.0}}]")
+
+# -----------------------------------------------------------------------------
+# distributed setup: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without it this is one process
+ddp = int(os.environ.get("RANK", -1)) != -1
+rank, local_rank, world_size = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
+if device == "auto":
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda":
+    torch.cuda.set_device(device)
+if ddp:
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+master_process = rank == 0
+if fsdp and not ddp:
+    print("fsdp=True with one process: nothing to shard, training as a single replica")
+    fsdp = False
+ptdtype = {"auto": torch.bfloat16 if device_type == "cuda" else torch.float32, "float32": torch.float32,
+           "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+if ptdtype == torch.float16:
+    raise SystemExit("dtype=float16 needs a loss scaler, which this script does not have: use bfloat16")
+# bf16 autocast runs the matmuls in bf16 while weights, gradients and AdamW state stay fp32
+autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
+torch.backends.cudnn.allow_tf32 = True
+
+os.makedirs(out_dir, exist_ok=True) if master_process else None
+_log_file = open(os.path.join(out_dir, "log.txt"), "a") if master_process else None
+
+
+def print0(*args, console=True):
+    # print on rank 0 only, and keep every line in out_dir/log.txt
+    if master_process:
+        s = " ".join(str(a) for a in args)
+        if console:
+            print(s, flush=True)
+        _log_file.write(s + "\n")
+        _log_file.flush()
+
+
+def barrier():
+    if ddp:
+        dist.barrier()
+
+
+# the run's record: command, versions, hardware, resolved config, then the code itself (modded-nanogpt)
+print0(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}", console=False)
+print0(f"torch {torch.__version__}, cuda {torch.version.cuda}, python {sys.version.split()[0]}, world_size {world_size}, device {device}", console=False)
+if device_type == "cuda" and master_process:
+    try:
+        print0(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout, console=False)
+    except Exception as e:
+        print0(f"nvidia-smi: {e}", console=False)
+for _name in ("train.py", "model.py"):
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), _name)) as _f:
+        print0(f"----- {_name} -----\n{_f.read()}\n----- end of {_name} -----", console=False)
+print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
+if master_process:
+    with open(os.path.join(out_dir, "config.json"), "w") as _f:
+        json.dump(config, _f, indent=2)
+
+import data  # noqa: E402 (after the config, so that `python train.py --bad_key` fails fast)
+from model import GPT, GPTConfig, PRESETS  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# checkpoints: find the one to resume from before anything else, since it carries the model shape and the step
+
+_CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
+
+
+def list_checkpoints(d):
+    # [(step, path)] oldest first; only complete files (temporary files end in .tmp)
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(d, "ckpt_*.pt")) if (m := _CKPT_RE.search(p))]
+    return sorted(found)
+
+
+def latest_checkpoint(d):
+    # out_dir/latest names the newest checkpoint (rewritten atomically after each save); else the highest step
+    pointer = os.path.join(d, "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        if os.path.exists(os.path.join(d, name)):
+            return os.path.join(d, name)
+    found = list_checkpoints(d)
+    return found[-1][1] if found else None
+
+
+ckpt = None
+if init_from == "resume":
+    ckpt_path = latest_checkpoint(out_dir)
+    if ckpt_path is None:
+        raise SystemExit(f"--init_from=resume but {out_dir} has no ckpt_*.pt: train from scratch first, or point "
+                         f"--out_dir at the run to continue")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    print0(f"resuming from {ckpt_path} (step {ckpt['step']})")
+    changed = {k: (ckpt["config"].get(k), v) for k, v in config.items()
+               if k not in ("init_from", "out_dir") and ckpt["config"].get(k) != v}
+    for k, (old, new) in changed.items():
+        print0(f"  note: {k} was {old!r} in the checkpoint's run, now {new!r}")
+    if ckpt["world_size"] != world_size:
+        print0(f"  note: the checkpoint was written by {ckpt['world_size']} ranks, now {world_size}: the data order "
+               f"continues from the global position, RNG streams restart from rank 0's")
+
+# -----------------------------------------------------------------------------
+# data: the staged mixture (data.py). The long-context stage's rope_theta is train.py's business, not the loader's.
+if data_prepare and master_process:
+    data.prepare_preset(data_prepare, data_dir)  # returns at once when data_dir already holds the complete corpus
+barrier()
+for _i, _s in enumerate(stages[1:], 1):
+    # the loader starts a stage mid-batch when the shape stays; a new shape or rope theta must begin on a step boundary
+    if any(k in _s for k in ("block_size", "batch_size", "rope_theta")) and _s["start"] % total_batch_tokens:
+        raise SystemExit(f"config error: stage {_i} changes the context/batch shape or rope_theta, so its start "
+                         f"({_s['start']:,} tokens) must be a multiple of total_batch_tokens={total_batch_tokens:,}")
+loader_stages = [{k: v for k, v in s.items() if k != "rope_theta"} for s in stages]
+try:
+    loader = data.MixtureLoader(data_dir, block_size=block_size, batch_size=micro_batch_size, stages=loader_stages,
+                                rank=rank, world_size=world_size, seed=seed)
+    if ckpt is not None:
+        loader.load_state_dict(ckpt["loader"][rank if ckpt["world_size"] == world_size else 0])
+except data.DataError as e:
+    raise SystemExit(f"data error: {e}")
+
+
+def stage_shape(i):
+    # (block_size, micro batch, rope_theta or None) of stage i
+    s = stages[i]
+    return s.get("block_size", block_size), s.get("batch_size", micro_batch_size), s.get("rope_theta")
+
+
+def accum_steps(T, B):
+    # gradient accumulation so that every optimizer step sees total_batch_tokens at any world size (llm.c)
+    per_micro = B * T * world_size
+    if total_batch_tokens % per_micro:
+        raise SystemExit(f"total_batch_tokens={total_batch_tokens} is not a multiple of micro_batch_size*block_size*world_size "
+                         f"= {B}*{T}*{world_size} = {per_micro}: change micro_batch_size or total_batch_tokens")
+    return total_batch_tokens // per_micro
+
+
+for _i in range(len(stages)):
+    accum_steps(*stage_shape(_i)[:2])  # fail now, not when stage 3 begins
+grad_accum_steps = accum_steps(*stage_shape(loader.stage)[:2])
+print0(f"tokens per step: {total_batch_tokens:,} = {stage_shape(loader.stage)[1]} seqs x {stage_shape(loader.stage)[0]} "
+       f"tokens x {world_size} ranks x {grad_accum_steps} accumulation steps; {max_steps:,} steps = "
+       f"{total_batch_tokens * max_steps / 1e9:.3g}B tokens")
+val_data = {s: loader.val_batches(s, eval_batches) for s in loader.sources}  # fixed: each rank its own, every eval the same
+
+# -----------------------------------------------------------------------------
+# model: from the preset, a checkpoint of this script, or a Hugging Face / GGUF checkpoint (continued pretraining)
+torch.manual_seed(seed)  # the same initial weights on every rank
+kernels_cfg = dict(triton_rmsnorm=triton_rmsnorm, triton_rope=triton_rope, triton_attention=triton_attention)
+model_name = model  # the config key; `model` becomes the module below
+if ckpt is not None or init_from.endswith(".pt"):
+    src = ckpt if ckpt is not None else torch.load(init_from, map_location="cpu", weights_only=True)
+    raw_model = GPT(GPTConfig(**{**src["model_config"], **kernels_cfg}))
+    raw_model.load_state_dict(src["model"])
+    if ckpt is None:
+        print0(f"initialised from {init_from} (step {src.get('step')}): weights only, a fresh optimizer at step 0")
+    del src
+elif init_from != "scratch":
+    if not os.path.exists(init_from):
+        raise SystemExit(f"init_from={init_from!r}: not 'scratch', 'resume', or an existing .pt / .gguf / Hugging Face directory")
+    raw_model = GPT.from_pretrained(init_from, **kernels_cfg).train()
+    print0(f"initialised from {init_from}: weights only, a fresh optimizer at step 0")
+else:
+    if model_name not in PRESETS:
+        raise SystemExit(f"model={model_name!r} is not a preset; choose one of {list(PRESETS)}")
+    raw_model = GPT(GPTConfig(**{**PRESETS[model_name], "block_size": block_size, **model_overrides, **kernels_cfg}))
+if raw_model.config.vocab_size < loader.vocab_size:
+    raise SystemExit(f"the model's vocab_size={raw_model.config.vocab_size} is smaller than the data's tokenizer "
+                     f"({loader.vocab_size}): set model_overrides=dict(vocab_size=...) or rebuild the data")
+raw_model.to(device)
+raw_model.activation_checkpointing = activation_checkpointing
+print0(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(non_embedding=True):,} without the "
+       f"embedding), {asdict(raw_model.config)}")
+
+
+def apply_stage(i):
+    # context length / rope theta of stage i (SmolLM2's 2k -> 8k extension raises both at once)
+    T, _, theta = stage_shape(i)
+    theta = theta if theta is not None else raw_model.config.rope_theta
+    if (T, theta) != (raw_model.config.block_size, raw_model.config.rope_theta):
+        raw_model.setup_rope(max(T, raw_model.config.block_size), theta)
+
+
+current_stage = loader.stage
+apply_stage(current_stage)
+
+# wrap: torch.compile, then DDP (replicas, gradients all-reduced in backward) or FSDP2 (sharded per block)
+model = raw_model
+if fsdp:
+    from torch.distributed.fsdp import fully_shard
+    for layer in raw_model.layers:
+        fully_shard(layer)  # each block's weights are gathered just in time for its forward and backward
+    fully_shard(raw_model)  # the root holds the embedding (tied to the output head) and the final norm
+if compile:
+    print0("compiling the model (the first steps are slow)")
+    model = torch.compile(model)
+if ddp and not fsdp:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # rope tables are deterministic buffers: no per-forward broadcast (which would also hang on uneven eval splits)
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+
+# -----------------------------------------------------------------------------
+# optimizer and schedule
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), adam_eps, device_type,
+                                           decay_all=decay_all_params)
+
+
+def get_lr(step):
+    # per optimizer step; warmup counts step 0 as the first step (nanoGPT), so no step trains at LR 0
+    # 1) linear warmup
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        s = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr + (learning_rate - min_lr) * 0.5 * (1 + math.cos(math.pi * s))
+    # 2) stable at the peak until the decay window (the last decay_frac of the steps)
+    decay_steps = round(decay_frac * max_steps)
+    decay_start = max_steps - decay_steps
+    if step < decay_start:
+        return learning_rate
+    # 3) decay, with s the fraction of the window done (nanotron's formulas, REFERENCE.md §3)
+    s = min(1.0, (step - decay_start) / max(1, decay_steps))
+    f = {"linear": 1 - s, "1-sqrt": 1 - math.sqrt(s), "cosine": 0.5 * (1 + math.cos(math.pi * s))}[decay_shape]
+    return min_lr + (learning_rate - min_lr) * f
+
+
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+# state that a resume restores exactly
+start_step, eval_done, nonfinite_total, nonfinite_run = 0, False, 0, 0
+swa_sum, swa_count, swa_avg = None, 0, None  # fp32 copies of the parameters (sharded like them under FSDP)
+named_params = list(raw_model.named_parameters())  # a tied tensor appears once
+
+
+def to_full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like_param(full, p):
+    # a full tensor from a checkpoint, laid out like parameter p (sharded again under FSDP)
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(full.to(p.device), p.device_mesh, p.placements)
+    return full.to(p.device)
+
+
+if ckpt is not None:
+    # the optimizer state is keyed by parameter name (torch.distributed.checkpoint), so DDP and FSDP runs resume each other
+    set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    start_step, eval_done = ckpt["step"], ckpt["eval_done"]
+    nonfinite_total, nonfinite_run = ckpt["nonfinite"]
+    if ckpt.get("swa") is not None:
+        sw = ckpt["swa"]
+        swa_count = sw["count"]
+        swa_sum = [like_param(sw["sum"][n], p) for n, p in named_params] if sw["sum"] is not None else None
+        swa_avg = [like_param(sw["avg"][n], p) for n, p in named_params] if sw["avg"] is not None else None
+    rng = ckpt["rng"][rank if ckpt["world_size"] == world_size else 0]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state(("MT19937", rng["numpy"][0].numpy().astype(np.uint32), *rng["numpy"][1:]))
+    torch.set_rng_state(rng["torch"])
+    if device_type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    del ckpt
+
+
+def gather(obj):
+    # every rank's obj, in rank order
+    if not ddp:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state():
+    # torch.load(weights_only=True) reads only tensors and plain containers, so numpy's state becomes a tensor
+    npst = np.random.get_state()
+    py = random.getstate()
+    return {"python": [py[0], list(py[1]), py[2]], "numpy": [torch.from_numpy(npst[1].astype(np.int64)), *npst[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+
+
+def save_checkpoint(step, eval_done):
+    # collectives first (every rank), then rank 0 writes ckpt_<step>.pt.tmp and renames it: a crash mid-write leaves
+    # the previous checkpoints intact, and out_dir/latest is only moved once the new file is complete
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(raw_model, options=full) if fsdp else {k: v.cpu() for k, v in raw_model.state_dict().items()}
+    optim_sd = get_optimizer_state_dict(raw_model, optimizer, options=full)
+    swa_state = None
+    if swa:
+        swa_state = {"count": swa_count,
+                     "sum": {n: to_full(t).cpu() for (n, _), t in zip(named_params, swa_sum)} if swa_sum is not None else None,
+                     "avg": {n: to_full(t).cpu() for (n, _), t in zip(named_params, swa_avg)} if swa_avg is not None else None}
+    loader_states, rng_states = gather(loader.state_dict()), gather(rng_state())
+    if master_process:
+        ckpt = {"model": model_sd, "optimizer": optim_sd, "model_config": asdict(raw_model.config), "step": step,
+                "config": config, "loader": loader_states, "rng": rng_states, "world_size": world_size,
+                "swa": swa_state, "nonfinite": [nonfinite_total, nonfinite_run], "eval_done": eval_done}
+        path = os.path.join(out_dir, f"ckpt_{step}.pt")
+        t0 = time.time()
+        with open(path + ".tmp", "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(path) + "\n")
+        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+        for _, old in list_checkpoints(out_dir)[:-keep_checkpoints]:
+            os.remove(old)
+        print0(f"saved {path} ({time.time() - t0:.1f} s)")
+    barrier()
+
+
+# -----------------------------------------------------------------------------
+# logging helpers: metrics.jsonl (rank 0), optional wandb, MFU against the GPU's peak, memory
+
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
+if master_process and start_step > 0 and os.path.exists(metrics_path):
+    # a resume from an older checkpoint would log some steps twice: keep the records the checkpoint already covers
+    with open(metrics_path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in recs if r["step"] < start_step or (r["step"] == start_step and eval_done and "val_loss" in r)]
+    with open(metrics_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+wandb_run = None
+if wandb_log and master_process:
+    import wandb
+    wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=config)
+
+
+def log_metrics(rec):
+    if master_process:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if wandb_run is not None:
+            wandb_run.log(rec, step=rec["step"])
+
+
+def peak_flops():
+    # dense bf16 tensor-core FLOP/s per GPU (vendor datasheets); None where unknown (MFU is then not reported)
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    table = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12),
+             ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+             ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+    return next((f for k, f in table if k in name), None)
+
+
+def memory_gib():
+    # peak allocated by PyTorch on the GPU; on the CPU the process's peak resident set
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+PEAK = peak_flops()
+
+
+@torch.no_grad()
+def evaluate():
+    # mean loss per source over its fixed validation batches (each rank holds its own, disjoint share)
+    model.eval()
+    out = {}
+    for src, batches in val_data.items():
+        tot = torch.zeros(2, device=device)  # (sum of batch losses, number of batches)
+        for x, y in batches:
+            with autocast:
+                _, loss = model(x.to(device), y.to(device))
+            tot += torch.stack([loss.float(), torch.ones((), device=device)])
+        if ddp:
+            dist.all_reduce(tot)
+        out[src] = (tot[0] / tot[1]).item()  # CPU-GPU sync
+    model.train()
+    return out
+
+
+tokenizer = None
+
+
+def sample_text(step):
+    # a short continuation of sample_prompt with its own generator, so the training RNG streams are untouched
+    global tokenizer
+    if not sample_prompt:
+        return None
+    if tokenizer is None:
+        from tokenizer import Tokenizer
+        tokenizer = Tokenizer.from_file(data_dir)  # data.py keeps the tokenizer the data was encoded with
+    idx = torch.tensor([tokenizer.encode(sample_prompt)], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed + step)
+    raw_model.eval()
+    if fsdp:
+        raw_model.unshard()  # generate() calls the root's modules directly, so gather its weights (embedding/head)
+    with autocast:
+        out = raw_model.generate(idx, sample_tokens, temperature=0.8, top_k=50, stop_tokens=(tokenizer.eos_id,), generator=gen)
+    if fsdp:
+        raw_model.reshard()
+    raw_model.train()
+    return tokenizer.decode(out[0].tolist())
+
+
+def swap_swa():
+    # exchange the parameters and the window average in place (twice restores them)
+    with torch.no_grad():
+        for (_, p), a in zip(named_params, swa_avg):
+            tmp = p.detach().clone()
+            p.copy_(a)
+            a.copy_(tmp)
+
+
+stop_signal = None
+
+
+def on_signal(signum, frame):
+    # preemption (SIGTERM) or Ctrl-C: finish the current step, save, exit 0. A second signal kills as usual.
+    global stop_signal
+    stop_signal = signum
+    signal.signal(signum, signal.SIG_DFL)
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+
+# -----------------------------------------------------------------------------
+# the loop. Eval and checkpoint sit at the top, so they also run at step 0 and after the last step.
+model.train()
+flops_per_token = raw_model.flops_per_token(stage_shape(current_stage)[0])
+t_last, tokens_seen = None, start_step * total_batch_tokens
+for step in range(start_step, max_steps + 1):
+    last_step = step == max_steps
+
+    # all ranks agree on a stop, so that they all join the collective save
+    stop = torch.tensor([stop_signal is not None], dtype=torch.int32, device=device)
+    if ddp:
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    if stop.item() and not last_step:  # CPU-GPU sync
+        save_checkpoint(step, eval_done=False)
+        print0(f"stopped by a signal at step {step}: resume with --init_from=resume (same config)")
+        break
+
+    if (step % eval_interval == 0 or last_step) and not (step == start_step and eval_done):
+        t0 = time.time()
+        losses = evaluate()
+        rec = {"step": step, "val_loss": sum(losses.values()) / len(losses), **{f"val_loss/{s}": v for s, v in losses.items()}}
+        if swa and swa_avg is not None:
+            swap_swa()
+            rec["swa_val_loss"] = sum(evaluate().values()) / len(losses)
+            swap_swa()
+        print0(f"step {step:6d}/{max_steps} | val_loss {rec['val_loss']:.4f} | " + " | ".join(
+            f"{s} {v:.4f}" for s, v in losses.items()) + (f" | swa_val_loss {rec['swa_val_loss']:.4f}" if "swa_val_loss" in rec else "")
+            + f" | {time.time() - t0:.1f} s")
+        log_metrics(rec)
+        if master_process or fsdp:
+            text = sample_text(step)
+            if text is not None:
+                print0(f"sample: {text!r}")
+        t_last = None  # the eval's time is not a training step's
+    eval_done = False
+
+    if (step > start_step and step % checkpoint_interval == 0) or last_step:
+        save_checkpoint(step, eval_done=True)
+        t_last = None
+    if last_step:
+        break
+
+    # --------------- TRAINING SECTION BEGIN ---------------
+    lr = get_lr(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_accum = torch.zeros((), device=device)
+    micro_step = 0
+    while micro_step < grad_accum_steps:
+        x, y = loader.next_batch()
+        if loader.stage != current_stage:
+            # a new data stage (the loader switches the weights, possibly mid-batch); a new context length, micro
+            # batch or rope theta is ours, with the accumulation that keeps total_batch_tokens per step
+            T_new, B_new, theta_new = stage_shape(loader.stage)
+            reshape = (T_new, B_new) != stage_shape(current_stage)[:2] or theta_new not in (None, raw_model.config.rope_theta)
+            if reshape and micro_step != 0:  # excluded by the start check above; kept as a guard
+                raise SystemExit(f"stage {loader.stage} changed the batch shape inside optimizer step {step}")
+            current_stage = loader.stage
+            print0(f"stage {current_stage} begins at step {step}: {stages[current_stage]}")
+            if reshape:
+                apply_stage(current_stage)
+                grad_accum_steps = accum_steps(T_new, B_new)
+                flops_per_token = raw_model.flops_per_token(T_new)
+                val_data = {s: loader.val_batches(s, eval_batches) for s in loader.sources}  # now at the new length
+                print0(f"  context {raw_model.config.block_size}, rope_theta {raw_model.config.rope_theta}, "
+                       f"{B_new} x {T_new} per micro step, {grad_accum_steps} accumulation steps")
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last_micro = micro_step == grad_accum_steps - 1
+        if ddp and not fsdp:
+            model.require_backward_grad_sync = last_micro  # all-reduce gradients only on the last micro step
+        if fsdp:
+            raw_model.set_requires_gradient_sync(last_micro)  # reduce-scatter only on the last micro step
+        with autocast:
+            _, loss = model(x, y)
+        loss = loss / grad_accum_steps  # the gradient of the mean over the whole global batch
+        loss_accum += loss.detach()
+        loss.backward()
+        micro_step += 1
+    if ddp:
+        dist.all_reduce(loss_accum)  # gloo has no AVG: sum, then divide
+        loss_accum /= world_size
+    if grad_clip > 0:
+        norm = to_full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip))
+    else:
+        norm = torch.zeros(())
+    loss_f, norm_f = loss_accum.item(), float(norm)  # CPU-GPU sync
+    finite = math.isfinite(loss_f) and math.isfinite(norm_f)
+    if finite:
+        optimizer.step()
+        nonfinite_run = 0
+    else:
+        nonfinite_total += 1
+        nonfinite_run += 1
+    optimizer.zero_grad(set_to_none=True)
+    # --------------- TRAINING SECTION END ---------------
+    tokens_seen += total_batch_tokens
+
+    if swa and finite:
+        # windowed average (Hägele et al. §5): the mean of the weights after each step of a swa_window-step window
+        with torch.no_grad():
+            if swa_sum is None:
+                swa_sum = [torch.zeros_like(p, dtype=torch.float32) for _, p in named_params]
+            for (_, p), acc in zip(named_params, swa_sum):
+                acc.add_(p.detach().float())
+            swa_count += 1
+            if (step + 1) % swa_window == 0:
+                swa_avg = [acc / swa_count for acc in swa_sum]
+                swa_sum, swa_count = None, 0
+
+    # diagnostics
+    t_now = time.time()
+    dt = (t_now - t_last) if t_last is not None else None  # None: the first step after start/eval/save (compile, warmup)
+    t_last = t_now
+    if not finite:
+        print0(f"step {step:6d}/{max_steps} | non-finite loss {loss_f} (grad norm {norm_f}): step skipped "
+               f"({nonfinite_run} in a row, {nonfinite_total} in total)")
+        log_metrics({"step": step, "loss": None, "skipped": True, "lr": lr, "nonfinite_total": nonfinite_total})
+        if nonfinite_run >= max_nonfinite_steps:
+            print0(f"stopping: {nonfinite_run} non-finite losses in a row (steps {step - nonfinite_run + 1}-{step}). "
+                   f"The weights are probably broken: resume from an earlier checkpoint (--init_from=resume with only "
+                   f"the good ckpt_*.pt left in out_dir) with a lower learning_rate, or check the data.")
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(1)
+        continue
+    if step % log_interval == 0 or step == max_steps - 1:
+        tps = total_batch_tokens / dt if dt else None
+        mfu = flops_per_token * tps / (PEAK * world_size) if (tps and PEAK) else None
+        rec = {"step": step, "loss": loss_f, "lr": lr, "grad_norm": norm_f, "ms": dt * 1000 if dt else None,
+               "tokens_per_s": tps, "mfu": mfu, "mem_gib": memory_gib(), "tokens": tokens_seen, "stage": current_stage}
+        print0(f"step {step:6d}/{max_steps} | loss {loss_f:.4f} | lr {lr:.2e} | norm {norm_f:.3f} | "
+               + (f"{dt * 1000:.1f} ms | {tps / 1e6:.3f}M tok/s | " if dt and tps >= 1e5 else f"{dt * 1000:.1f} ms | {tps:,.0f} tok/s | " if dt else "- ms | - tok/s | ")
+               + (f"mfu {100 * mfu:.1f}% | " if mfu is not None else "mfu - | ") + f"mem {rec['mem_gib']:.2f}GiB")
+        log_metrics(rec)
+
+if wandb_run is not None:
+    wandb_run.finish()
+if ddp:
+    dist.destroy_process_group()
