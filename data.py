@@ -343,7 +343,7 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
                 w = val if is_val[i] and val.n_tokens < val_tokens else train
                 w.add(flat[offs[i]:offs[j]], lens[i:j])
                 i = j
-            bar.update(nbytes)
+            bar.update(min(nbytes, bar.total - bar.n) if bar.total else nbytes)  # float progress may overshoot
             bar.set_postfix(docs=n_doc, tokens=f"{(train.n_tokens + val.n_tokens) / 1e6:.1f}M", refresh=False)
 
         if workers > 1:
@@ -680,14 +680,14 @@ def check_data_dir(data_dir, names=None):
         for split in ("train", "val"):
             hb = read_header(os.path.join(data_dir, n, f"{split}.bin"), cmd)
             hi = read_header(os.path.join(data_dir, n, f"{split}.idx"), cmd)
+            if hb["identity"] != meta["tokenizer"] or hi["identity"] != meta["tokenizer"]:
+                raise DataError(f"{data_dir}/{n}/{split}.bin: tokenizer {hb['identity']} in the header, "
+                                f"{meta['tokenizer']} in meta.json" + _hint(cmd))
             want = meta["n_tokens" if split == "train" else "val_tokens"]
             if not (hb["kind"] == KIND_TOKENS and hi["kind"] == KIND_INDEX and hb["n_tokens"] == hi["n_tokens"] == want
                     and hb["n_docs"] == hi["n_docs"] and hi["n_items"] == hb["n_docs"] + 1):
                 raise DataError(f"{data_dir}/{n}/{split}.*: headers disagree with each other or with meta.json "
                                 f"(mixed files from different runs?)" + _hint(cmd))
-            if hb["identity"] != meta["tokenizer"] or hi["identity"] != meta["tokenizer"]:
-                raise DataError(f"{data_dir}/{n}/{split}.bin: tokenizer {hb['identity']} in the header, "
-                                f"{meta['tokenizer']} in meta.json" + _hint(cmd))
         if ident is not None and meta["tokenizer"] != ident:
             raise DataError(f"{data_dir}: sources were tokenized with different tokenizers ({ident} and "
                             f"{meta['tokenizer']} in {n}); re-prepare them with one tokenizer" + _hint(cmd))
@@ -913,7 +913,8 @@ class MixtureLoader:
                 raise DataError(f"cannot resume: source '{n}' had {cnt} training tokens, now "
                                 f"{self._src[self.sources.index(n)].n}; the data changed since the checkpoint")
         k = sd["stage"]
-        if k >= len(self.stages) or [dict(s, weights=dict(s["weights"])) for s in self.stages[:k + 1]] != sd["stages"]:
+        key = lambda st: [(s["start"], sorted(s["weights"].items()), s["block_size"]) for s in st]  # not batch_size:
+        if k >= len(self.stages) or key(self.stages[:k + 1]) != key(sd["stages"]):           # it is per rank
             raise DataError(f"cannot resume: stages 0..{k} (done or running at the checkpoint) differ from this "
                             f"loader's; only later stages may change.\ncheckpoint: {sd['stages']}\nnow: {self.stages}")
         missing = [n for n in self.sources if n not in sd["pos"]]

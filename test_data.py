@@ -1,0 +1,364 @@
+# Tests for data.py: the prepare pipeline (formats, determinism, errors) and MixtureLoader (exact mixing, stage switch,
+# rank disjointness, resume, epochs). Loader tests use synthetic token files where source k's token at stream position
+# i is k * R + i, so every window names its source and position and can be checked against the source stream.
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+R = 21845  # token range per synthetic source (3 sources fit uint16)
+
+
+def make_dir(root, sizes, ident="synthetic-tok", seed=0, val_tokens=3000):
+    rng = np.random.default_rng(seed)
+    for k, (name, n) in enumerate(sizes.items()):
+        os.makedirs(root / name, exist_ok=True)
+        for split, m in (("train", n), ("val", val_tokens)):
+            toks = (k * R + np.arange(m)).astype(np.uint16)
+            lens = []
+            while sum(lens) < m:  # random document lengths, so chunks of whole documents vary in size
+                lens.append(min(int(rng.integers(1, 300)), m - sum(lens)))
+            w = data._Writer(str(root / name / split), 65536, 0, ident)
+            w.add(toks, np.array(lens))
+            w.finish()
+        meta = dict(name=name, n_tokens=n, val_tokens=val_tokens, vocab_size=65536, tokenizer=ident, command="test")
+        (root / name / "meta.json").write_text(json.dumps(meta))
+    return str(root)
+
+
+def src_of(x):  # (B, T) -> source index of each row
+    return (x[:, 0] // R).numpy()
+
+
+def global_stream(loaders, n_batches):
+    """Runs all ranks for n_batches calls; returns the global sequences in stream order as a list of (B*W, T+1) arrays."""
+    W = len(loaders)
+    out = []
+    for _ in range(n_batches):
+        parts = [l.next_batch() for l in loaders]
+        B = parts[0][0].shape[0]
+        g = np.empty((B * W, parts[0][0].shape[1] + 1), dtype=np.int64)
+        for r, (x, y) in enumerate(parts):
+            assert torch.equal(x[:, 1:], y[:, :-1])
+            g[r::W, :-1] = x.numpy()
+            g[r::W, -1] = y[:, -1].numpy()
+        out.append(g)
+    return out
+
+
+def make_loaders(d, W, **kw):
+    return [data.MixtureLoader(d, rank=r, world_size=W, **kw) for r in range(W)]
+
+
+def reference_stream(d, name, seed=1337, chunk_tokens=256):
+    return data._Source(d, name, seed, chunk_tokens)
+
+# -----------------------------------------------------------------------------
+# loader
+
+
+@pytest.mark.parametrize("weights", [{"a": 0.9, "b": 0.1}, {"a": 0.5, "b": 0.3, "c": 0.2}, {"a": 0.07, "b": 0.9, "c": 0.03}])
+@pytest.mark.parametrize("W,B", [(1, 8), (2, 4), (3, 5)])
+def test_proportions_every_prefix(tmp_path, weights, W, B):
+    d = make_dir(tmp_path, {"a": 20000, "b": 20000, "c": 20000})
+    loaders = make_loaders(d, W, block_size=16, batch_size=B, stages=[{"start": 0, "weights": weights}], chunk_tokens=256)
+    seqs = np.concatenate(global_stream(loaders, 60))
+    names = sorted(weights)
+    w = np.array([weights[n] for n in names])
+    onehot = np.eye(3)[seqs[:, 0] // R][:, :len(names)]
+    counts = np.cumsum(onehot, axis=0)                        # (n, k) count of each source in every prefix
+    n = np.arange(1, len(seqs) + 1)[:, None]
+    assert np.abs(counts - w[None] * n).max() < 1.0           # Tijdeman's bound 1 - 1/(2k-2), within the 1.5 asked
+    for g in range(0, len(seqs), B * W):                      # and so every global batch holds the mix
+        c = onehot[g:g + B * W].sum(0)
+        assert np.all(np.abs(c - w * B * W) < 2)
+
+
+def test_ranks_disjoint_and_equal_to_single_rank_stream(tmp_path):
+    d = make_dir(tmp_path, {"a": 20000, "b": 20000})
+    kw = dict(block_size=32, stages=[{"start": 0, "weights": {"a": 0.6, "b": 0.4}}], chunk_tokens=256)
+    multi = np.concatenate(global_stream(make_loaders(d, 4, batch_size=3, **kw), 20))  # 240 sequences
+    single = np.concatenate(global_stream(make_loaders(d, 1, batch_size=12, **kw), 20))
+    np.testing.assert_array_equal(multi, single)               # the global stream does not depend on world size
+    starts = [tuple(s[:2]) for s in multi]
+    assert len(set(starts)) == len(starts)                     # no sequence read twice, by any rank
+
+
+def test_stage_switch_exact_and_positions_continue(tmp_path):
+    d = make_dir(tmp_path, {"a": 20000, "b": 20000, "c": 20000})
+    T, B = 16, 4
+    stages = [{"start": 0, "weights": {"a": 0.5, "b": 0.5}}, {"start": 1000, "weights": {"a": 0.25, "c": 0.75}},
+              {"start": 3000, "weights": {"a": 1.0}, "block_size": 64, "batch_size": 2}]
+    l = data.MixtureLoader(d, block_size=T, batch_size=B, stages=stages, chunk_tokens=256)
+    pos = {n: 0 for n in "abc"}
+    refs = {n: reference_stream(d, n) for n in "abc"}
+    consumed, seen_stage = 0, []
+    for _ in range(70):
+        x, y = l.next_batch()
+        Tb = x.shape[1]
+        for row in range(x.shape[0]):
+            n = "abc"[int(x[row, 0]) // R]
+            # stage of this sequence: the last stage whose start <= tokens consumed before it (block-size change: at
+            # the first batch boundary at or after its start)
+            st = 0 if consumed < 1000 else (1 if consumed < 3000 or (Tb == T) else 2)
+            seen_stage.append(st)
+            assert n in stages[st]["weights"], (consumed, n, st)
+            want = np.empty(Tb + 1, np.uint16)
+            refs[n].read(pos[n], want)                       # each source's windows continue its stream exactly
+            np.testing.assert_array_equal(x[row].numpy(), want[:-1])
+            np.testing.assert_array_equal(y[row].numpy(), want[1:])
+            pos[n] += Tb
+            consumed += Tb
+    # stage 1 began with the first sequence at or after 1000 tokens: sequence 63 (63 * 16 = 1008)
+    assert seen_stage.index(1) == 63 and 1008 == 63 * 16
+    assert 2 in seen_stage and l.stage == 2 and l.block_size == 64
+    assert l.tokens_consumed == consumed
+
+
+def test_resume_equality_across_stages_and_world_sizes(tmp_path):
+    d = make_dir(tmp_path, {"a": 20000, "b": 20000, "c": 20000})
+    stages = [{"start": 0, "weights": {"a": 0.7, "b": 0.3}}, {"start": 700, "weights": {"a": 0.2, "b": 0.3, "c": 0.5}},
+              {"start": 2000, "weights": {"c": 0.5, "b": 0.5}, "block_size": 48}]
+    kw = dict(block_size=16, stages=stages, chunk_tokens=256, seed=7)
+    N, k = 40, 13
+    straight = global_stream(make_loaders(d, 2, batch_size=4, **kw), N)
+    first = make_loaders(d, 2, batch_size=4, **kw)
+    part1 = global_stream(first, k)
+    sd = first[0].state_dict()
+    assert len(json.dumps(sd)) < 2000                           # small: counters only
+    assert sd == first[1].state_dict()                          # the state is global, identical on every rank
+    resumed = make_loaders(d, 2, batch_size=4, **kw)
+    for l in resumed:
+        l.load_state_dict(json.loads(json.dumps(sd)))          # as a checkpoint would store it
+    part2 = global_stream(resumed, N - k)
+    for a, b in zip(straight, part1 + part2):
+        np.testing.assert_array_equal(a, b)
+    assert resumed[0].stage == 2
+    # another world size with the same global batch continues the same global stream
+    other = make_loaders(d, 4, batch_size=2, **kw)
+    for l in other:
+        l.load_state_dict(sd)
+    for a, b in zip(straight[k:], global_stream(other, N - k)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_refuses_changed_setup(tmp_path):
+    d = make_dir(tmp_path, {"a": 20000, "b": 20000})
+    st = [{"start": 0, "weights": {"a": 0.5, "b": 0.5}}]
+    l = data.MixtureLoader(d, block_size=16, batch_size=2, stages=st)
+    l.next_batch()
+    sd = l.state_dict()
+    with pytest.raises(data.DataError, match="seed"):
+        data.MixtureLoader(d, block_size=16, batch_size=2, stages=st, seed=1).load_state_dict(sd)
+    with pytest.raises(data.DataError, match="stages"):
+        data.MixtureLoader(d, block_size=16, batch_size=2, stages=[{"start": 0, "weights": {"a": 1}}]).load_state_dict(sd)
+
+
+def test_epoch_wraparound(tmp_path):
+    d = make_dir(tmp_path, {"a": 3000, "b": 20000})
+    T = 20
+    l = data.MixtureLoader(d, block_size=T, batch_size=10, stages=[{"start": 0, "weights": {"a": 0.5, "b": 0.5}}],
+                           chunk_tokens=256)
+    rows = []
+    while l.epochs()["a"] < 2.5:
+        x, y = l.next_batch()
+        rows += [np.concatenate([r, [yy]]) for r, yy in zip(x.numpy(), y[:, -1].numpy()) if r[0] < R]
+    stream = np.concatenate([r[:-1] for r in rows])           # source a's tokens in read order
+    e0, e1 = stream[:3000], stream[3000:6000]
+    assert sorted(e0) == list(range(3000))                     # epoch 0: every token exactly once, nothing repeated
+    assert sorted(e1) == list(range(3000))                     # epoch 1: all of them again ...
+    assert not np.array_equal(e0, e1)                          # ... in a new order
+    ep = l.epochs()
+    assert 2.5 <= ep["a"] < 2.6 and 0.3 < ep["b"] < 0.5
+
+
+def test_val_batches_fixed_and_rank_disjoint(tmp_path):
+    d = make_dir(tmp_path, {"a": 20000, "b": 20000}, val_tokens=5000)
+    kw = dict(block_size=32, batch_size=4, stages=[{"start": 0, "weights": {"a": 0.5, "b": 0.5}}])
+    r0, r1 = make_loaders(d, 2, **kw)
+    v0, v1 = r0.val_batches("b", 3), r1.val_batches("b", 3)
+    r0.next_batch()
+    for (x, y), (x2, y2) in zip(v0, r0.val_batches("b", 3)):   # unaffected by training reads
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    starts0 = {int(x[i, 0]) for x, _ in v0 for i in range(4)}
+    starts1 = {int(x[i, 0]) for x, _ in v1 for i in range(4)}
+    assert not starts0 & starts1 and all(R <= s < 2 * R for s in starts0 | starts1)
+    with pytest.raises(data.DataError, match="unknown source"):
+        r0.val_batches("nope", 1)
+
+
+def test_stage_errors(tmp_path):
+    d = make_dir(tmp_path, {"a": 20000, "b": 20000})
+    with pytest.raises(data.DataError, match=r"unknown source.*\['a', 'b'\]"):
+        data.MixtureLoader(d, 16, 2, stages=[{"start": 0, "weights": {"a": 0.5, "web": 0.5}}])
+    with pytest.raises(data.DataError, match="increase"):
+        data.MixtureLoader(d, 16, 2, stages=[{"start": 0, "weights": {"a": 1}}, {"start": 0, "weights": {"b": 1}}])
+    with pytest.raises(data.DataError, match="fewer than one block"):
+        data.MixtureLoader(d, 30000, 2, stages=[{"start": 0, "weights": {"a": 1}}])
+
+# -----------------------------------------------------------------------------
+# token files: checked headers
+
+
+def test_bad_token_files(tmp_path):
+    d = make_dir(tmp_path, {"a": 5000, "b": 5000})
+    data.MixtureLoader(d, 16, 2)
+    p = tmp_path / "a" / "train.bin"
+    raw = p.read_bytes()
+    p.write_bytes(raw[:-2])                                     # truncated
+    with pytest.raises(data.DataError, match="truncated or corrupt.*\n---> HINT: re-run test"):
+        data.MixtureLoader(d, 16, 2)
+    p.write_bytes(b"x" * 8 + raw[8:])                           # not ours
+    with pytest.raises(data.DataError, match="bad magic"):
+        data.MixtureLoader(d, 16, 2)
+    p.write_bytes(raw[:8] + np.int64(99).tobytes() + raw[16:])  # future version
+    with pytest.raises(data.DataError, match="version 99"):
+        data.MixtureLoader(d, 16, 2)
+    p.write_bytes(raw)
+    make_dir(tmp_path / "other", {"b": 5000}, ident="another-tok")
+    os.replace(tmp_path / "other" / "b" / "train.bin", tmp_path / "b" / "train.bin")  # a file from another tokenizer
+    with pytest.raises(data.DataError, match="tokenizer another-tok in the header"):
+        data.MixtureLoader(d, 16, 2)
+    make_dir(tmp_path, {"b": 5000}, ident="another-tok")     # a whole source from another tokenizer
+    with pytest.raises(data.DataError, match="different tokenizers"):
+        data.MixtureLoader(d, 16, 2)
+
+# -----------------------------------------------------------------------------
+# prepare
+
+
+TEXTS = ["Hello world. The quick brown fox jumps over the lazy dog 12345 times.", "def f(x):\n    return x * 2\n",
+         "Ünïcödé text: naïve café, 東京, emoji 🙂.", "Math: 3/4 + 1/8 = 7/8, and 2^10 = 1024.",
+         "A line.\n\nAnother paragraph, with <|endoftext|> written inside it."] * 4
+
+
+def write_sources(root):
+    (root / "docs").mkdir()
+    for i, t in enumerate(TEXTS[:6]):
+        (root / "docs" / f"{i}.{['txt', 'md', 'py'][i % 3]}").write_text(t)
+    (root / "docs" / "notes.pdf").write_text("skipped in a directory walk")
+    with open(root / "a.jsonl", "w") as f:
+        for t in TEXTS:
+            f.write(json.dumps({"text": t, "id": 1}) + "\n")
+    with gzip.open(root / "b.jsonl.gz", "wt") as f:
+        for t in TEXTS:
+            f.write(json.dumps({"content": t}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": TEXTS, "n": list(range(len(TEXTS)))}), root / "c.parquet")
+
+
+def read_docs(d, name, split):
+    toks = data._open_tokens(os.path.join(d, name, f"{split}.bin")).astype(np.int64)
+    offs = data._open_tokens(os.path.join(d, name, f"{split}.idx")).astype(np.int64)
+    return [toks[a:b] for a, b in zip(offs[:-1], offs[1:])]
+
+
+def test_prepare_formats_roundtrip_and_determinism(tmp_path):
+    write_sources(tmp_path)
+    srcs = {"docs": str(tmp_path / "docs"), "js": str(tmp_path / "a.jsonl"), "pq": str(tmp_path / "c.parquet")}
+    out1, out2 = str(tmp_path / "out1"), str(tmp_path / "out2")
+    metas = data.prepare(out1, srcs, train_vocab=400, workers=2, val_frac=0.25)
+    data.prepare(out2, srcs, tokenizer=os.path.join(out1, "tokenizer.json"), workers=1, val_frac=0.25)
+    tok = data.load_tokenizer(out1)
+    assert tok.token_to_id("<|endoftext|>") == 0 and tok.vocab_size == 400
+    for name, n_docs in (("docs", 6), ("js", len(TEXTS)), ("pq", len(TEXTS))):
+        for f in ("train.bin", "train.idx", "val.bin", "val.idx"):   # 2 processes == 1 process, byte for byte
+            assert open(os.path.join(out1, name, f), "rb").read() == open(os.path.join(out2, name, f), "rb").read()
+        train, val = read_docs(out1, name, "train"), read_docs(out1, name, "val")
+        assert len(train) + len(val) == n_docs and len(val) == (n_docs + 3) // 4  # every 4th document, from the first
+        docs = [None] * n_docs
+        docs[::4], rest = val, [i for i in range(n_docs) if i % 4]
+        for i, t in zip(rest, train):
+            docs[i] = t
+        for doc, text in zip(docs, TEXTS[:n_docs]):                  # docs/ is read in sorted order: 0.txt, 1.md, ...
+            assert doc[-1] == 0                                        # each document ends with <|endoftext|>
+            assert tok.decode(doc[:-1].tolist()) == text
+        assert metas[name]["n_docs"] == len(train) and metas[name]["tokenizer"] == tok.identity
+    # the jsonl.gz source with a non-default text field
+    data.prepare(out1, {"gz": str(tmp_path / "b.jsonl.gz")}, tokenizer=out1, workers=2, text_field="content")
+    assert sum(len(x) for x in read_docs(out1, "gz", "train") + read_docs(out1, "gz", "val")) > 0
+    l = data.MixtureLoader(out1, block_size=8, batch_size=2, stages=[{"start": 0, "weights": {"js": 0.5, "gz": 0.5}}])
+    x, y = l.next_batch()
+    assert x.shape == (2, 8) and x.dtype == torch.int64
+
+
+def test_prepare_errors(tmp_path):
+    write_sources(tmp_path)
+    out = str(tmp_path / "out")
+    tj = str(tmp_path / "tok.json")
+    data.train_tokenizer(iter(TEXTS), 300, tj)
+
+    def prep(spec, **kw):
+        return data.prepare(out, {"s": spec}, tokenizer=kw.pop("tokenizer", tj), workers=1, **kw)
+    with pytest.raises(data.DataError, match="notes.pdf: unknown file type"):
+        prep(str(tmp_path / "docs" / "notes.pdf"))
+    with pytest.raises(data.DataError, match="unknown file type"):
+        prep(str(tmp_path / "docs" / "*"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="empty source"):
+        prep(str(tmp_path / "empty"))
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "x.txt").write_text("  \n")
+    with pytest.raises(data.DataError, match="empty source"):
+        prep(str(tmp_path / "blank"))
+    with pytest.raises(data.DataError, match="no such file"):
+        prep(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(data.DataError, match=r"missing text field 'body'.*\['id', 'text'\].*--text_field"):
+        prep(str(tmp_path / "a.jsonl"), text_field="body")
+    with pytest.raises(data.DataError, match=r"missing text column 'body'.*--text_field"):
+        prep(str(tmp_path / "c.parquet"), text_field="body")
+    with pytest.raises(data.DataError, match="at most 65536"):
+        data.prepare(out, {"s": str(tmp_path / "a.jsonl")}, train_vocab=70000)
+    # a tokenizer whose vocabulary does not fit uint16
+    from tokenizers import Tokenizer, models
+    big = Tokenizer(models.WordLevel({f"w{i}": i for i in range(70000)} | {"<|endoftext|>": 70000}, unk_token="w0"))
+    big.save(str(tmp_path / "big.json"))
+    with pytest.raises(data.DataError, match="does not fit uint16"):
+        prep(str(tmp_path / "a.jsonl"), tokenizer=str(tmp_path / "big.json"))
+    assert not os.path.exists(os.path.join(out, "s")) or os.listdir(os.path.join(out, "s")) == []  # nothing written
+
+
+def test_interrupted_prepare_leaves_nothing_complete(tmp_path):
+    tj = str(tmp_path / "tok.json")
+    data.train_tokenizer(iter(TEXTS), 300, tj)
+    tok = data.load_tokenizer(tj)
+    out = str(tmp_path / "out")
+
+    def docs():
+        for i, t in enumerate(TEXTS * 200):
+            if i == 2000:
+                raise KeyboardInterrupt                             # Ctrl-C halfway through
+            yield t, len(t)
+    for workers in (1, 2):
+        with pytest.raises(KeyboardInterrupt):
+            data.prepare_source("s", docs(), None, out, tok, tj, workers)
+        assert sorted(os.listdir(os.path.join(out, "s"))) == []     # no .bin, no .tmp, no meta.json
+    with pytest.raises(data.DataError, match="no prepared sources"):
+        data.MixtureLoader(out, 8, 2, stages=[{"start": 0, "weights": {"s": 1.0}}])
+
+
+def test_quickstart_math_is_correct():
+    import re
+    import random
+    rng = random.Random(1)
+    n = 0
+    for _ in range(400):
+        t = data._math_problem(rng)
+        m = re.match(r"Problem: Compute (\d+) ([+×]) (\d+)\.", t)
+        if m:
+            a, op, b = int(m[1]), m[2], int(m[3])
+            assert t.endswith(f"Answer: {a + b if op == '+' else a * b}")
+            n += 1
+        m = re.match(r"Problem: Solve (\d+)x ([+-]) (\d+) = (-?\d+) for x", t)
+        if m:
+            a, s, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            x = int(t.rsplit("x = ", 1)[1])
+            assert a * x + (b if s == "+" else -b) == c
+            n += 1
+    assert n > 50
