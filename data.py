@@ -722,6 +722,7 @@ class _Source:
         self.chunk_len = np.diff(np.append(cuts, self.n))
         self.seed_key = (seed, zlib.crc32(name.encode()))
         self._tables = {}
+        self._lo = self._hi = self._base = 0  # the chunk the last read ended in: stream positions [lo, hi) at token base
 
     def _table(self, epoch):  # (start token of each chunk in read order, cumulative lengths), cached for two epochs
         t = self._tables.get(epoch)
@@ -734,38 +735,50 @@ class _Source:
         return t
 
     def read(self, pos, out):  # out[:] = stream[pos : pos + len(out)]
-        filled, length = 0, len(out)
+        length = len(out)
+        if self._lo <= pos and pos + length <= self._hi:  # most windows lie inside the chunk the last one ended in
+            a = self._base + pos - self._lo
+            out[:] = self.tokens[a:a + length]
+            return
+        filled = 0
         while filled < length:
             epoch, q = divmod(pos, self.n)
             starts, cum = self._table(epoch)
-            k = int(np.searchsorted(cum, q, side="right")) - 1
-            off = q - int(cum[k])
-            take = min(int(cum[k + 1]) - q, length - filled)
-            a = int(starts[k]) + off
+            k = int(cum.searchsorted(q, side="right")) - 1
+            self._lo, self._hi, self._base = epoch * self.n + int(cum[k]), epoch * self.n + int(cum[k + 1]), int(starts[k])
+            take = min(self._hi - pos, length - filled)
+            a = self._base + pos - self._lo
             out[filled:filled + take] = self.tokens[a:a + take]
             filled += take
             pos += take
 
 
-def _tijdeman_pick(weights, counts, i):
-    """The source for sequence i (0-based) of a stage. Largest-deficit interleaving (Megatron's blending index) lets a
-    source fall up to ~1.2 sequences behind its share with many sources; Tijdeman's rule (The chairman assignment
-    problem, 1980) keeps |count_d - w_d * n| <= 1 - 1/(2k-2) for every prefix n: among the sources that would not run
-    ahead by more than that, take the one whose next deadline (count_d + s) / w_d comes first."""
-    k = len(weights)
-    if k == 1:
-        return 0
-    s, n = 1.0 - 1.0 / (2 * k - 2), i + 1
-    best, best_deadline = -1, math.inf
-    for d in range(k):
-        w = weights[d]
-        if w * n - counts[d] >= 1.0 - s - 1e-9:
-            deadline = (counts[d] + s) / w
-            if deadline < best_deadline - 1e-12:
-                best, best_deadline = d, deadline
-    if best < 0:  # cannot happen in exact arithmetic; take the largest deficit
-        best = max(range(k), key=lambda d: weights[d] * n - counts[d])
-    return best
+class _Interleave:
+    """Which source each sequence of a stage comes from. Largest-deficit interleaving (Megatron's blending index) lets a
+    source fall up to ~1.2 sequences behind its share with several sources; Tijdeman's rule (The chairman assignment
+    problem, 1980) keeps |count_d - w_d * n| <= 1 - 1/(2k-2) < 1 for every prefix of n sequences: among the sources
+    that would not run ahead by more than that, take the one whose next deadline (count_d + s) / w_d comes first.
+    The rule depends on the counts alone, so they are the whole state."""
+
+    def __init__(self, weights):
+        self.w = list(weights)
+        self.inv = [1.0 / w for w in self.w]
+        k = len(self.w)
+        self.s = 1.0 - 1.0 / (2 * k - 2) if k > 1 else 0.0
+
+    def pick(self, counts, i):  # the source of sequence i (0-based) given the counts of sequences 0..i-1
+        if len(self.w) == 1:
+            return 0
+        n, s, lo = i + 1, self.s, 1.0 - self.s - 1e-9
+        best, best_deadline = -1, math.inf
+        for d, (w, inv, c) in enumerate(zip(self.w, self.inv, counts)):
+            if w * n - c >= lo:
+                deadline = (c + s) * inv
+                if deadline < best_deadline - 1e-12:
+                    best, best_deadline = d, deadline
+        if best < 0:  # cannot happen in exact arithmetic; take the largest deficit
+            best = max(range(len(self.w)), key=lambda d: self.w[d] * n - counts[d])
+        return best
 
 
 class MixtureLoader:
@@ -800,7 +813,7 @@ class MixtureLoader:
                                 f"{s['block_size']} + 1; lower block_size or add data")
         # the whole state: global counters + per-source stream positions (tokens) + the current stage's interleave
         self.seq, self.tokens_consumed, self.stage = 0, 0, 0
-        self.stage_seq, self.stage_counts = 0, [0] * len(self.sources)
+        self.stage_seq = 0
         self.pos = [0] * len(self.sources)
         self._enter_stage(0)
         self._warned_val = set()
@@ -832,36 +845,48 @@ class MixtureLoader:
 
     def _enter_stage(self, k):
         self.stage, self.stage_seq = k, 0
-        self.stage_counts = [0] * len(self.sources)
         w = self.stages[k]["weights"]
         self._stage_src = [self.sources.index(n) for n in w]  # stage-local source order -> loader source index
-        self._stage_w = list(w.values())
+        self._counts = [0] * len(w)                            # sequences taken from each, in this stage
+        self._mix = _Interleave(w.values())
         self.block_size, self.batch_size = self.stages[k]["block_size"], self.stages[k]["batch_size"]
 
-    def _maybe_switch(self, batch_start):
-        while self.stage + 1 < len(self.stages) and self.tokens_consumed >= self.stages[self.stage + 1]["start"]:
+    def _next_switch(self, batch_start):
+        # (sequences left in the current stage, or None), entering every stage whose start has been reached
+        while self.stage + 1 < len(self.stages):
             nxt = self.stages[self.stage + 1]
-            if not batch_start and (nxt["block_size"], nxt["batch_size"]) != (self.block_size, self.batch_size):
-                return  # a batch has one shape: this stage begins with the next global batch
+            reshape = (nxt["block_size"], nxt["batch_size"]) != (self.block_size, self.batch_size)
+            if self.tokens_consumed < nxt["start"]:  # a stage begins with the first sequence at or after its start
+                return None if reshape else -(-(nxt["start"] - self.tokens_consumed) // self.block_size)
+            if reshape and not batch_start:
+                return None  # a batch has one shape: this stage begins with the next global batch
             self._enter_stage(self.stage + 1)
+        return None
 
     def next_batch(self):
-        self._maybe_switch(batch_start=True)
-        T, B, W = self.block_size, self.batch_size, self.world_size
+        left = self._next_switch(batch_start=True)
+        T, B, W, rank = self.block_size, self.batch_size, self.world_size, self.rank
         buf = np.empty((B, T + 1), dtype=np.uint16)
-        for j in range(B * W):
-            if j:
-                self._maybe_switch(batch_start=False)
-            local = _tijdeman_pick(self._stage_w, [self.stage_counts[d] for d in self._stage_src], self.stage_seq)
-            d = self._stage_src[local]
-            if j % W == self.rank:
-                self._src[d].read(self.pos[d], buf[j // W])
-            self.pos[d] += T  # windows overlap by one token: each token is an input once and a target once
-            self.stage_counts[d] += 1
-            self.stage_seq += 1
-            self.seq += 1
-            self.tokens_consumed += T
-        x = torch.from_numpy(buf[:, :-1].astype(np.int64))
+        j = 0
+        while j < B * W:
+            if left == 0:
+                left = self._next_switch(batch_start=False)
+            n = B * W - j if left is None else min(B * W - j, left)
+            counts, src, pos, mix, i = self._counts, self._stage_src, self.pos, self._mix, self.stage_seq
+            for jj in range(j, j + n):  # n sequences of the current stage
+                local = mix.pick(counts, i)
+                counts[local] += 1
+                i += 1
+                d = src[local]
+                if jj % W == rank:
+                    self._src[d].read(pos[d], buf[jj // W])
+                pos[d] += T  # windows overlap by one token: each token is an input once and a target once
+            self.stage_seq = i
+            self.seq += n
+            self.tokens_consumed += n * T
+            left = None if left is None else left - n
+            j += n
+        x = torch.from_numpy(buf[:, :-1].astype(np.int64))  # (B, T) int64, contiguous
         y = torch.from_numpy(buf[:, 1:].astype(np.int64))
         return x, y
 
@@ -895,7 +920,7 @@ class MixtureLoader:
 
     def state_dict(self):
         return dict(version=1, seq=self.seq, tokens_consumed=self.tokens_consumed, stage=self.stage,
-                    stage_seq=self.stage_seq, stage_counts=dict(zip(self.sources, self.stage_counts)),
+                    stage_seq=self.stage_seq, stage_counts={self.sources[s]: c for s, c in zip(self._stage_src, self._counts)},
                     pos=dict(zip(self.sources, self.pos)), seed=self.seed, chunk_tokens=self.chunk_tokens,
                     source_tokens={n: s.n for n, s in zip(self.sources, self._src)},
                     stages=[dict(s, weights=dict(s["weights"])) for s in self.stages[:self.stage + 1]],
@@ -923,7 +948,7 @@ class MixtureLoader:
                             f"stage that has not started yet")  # pos would start at 0 anyway; refuse to be explicit
         self._enter_stage(k)
         self.seq, self.tokens_consumed, self.stage_seq = sd["seq"], sd["tokens_consumed"], sd["stage_seq"]
-        self.stage_counts = [sd["stage_counts"].get(n, 0) for n in self.sources]
+        self._counts = [sd["stage_counts"][self.sources[s]] for s in self._stage_src]
         self.pos = [sd["pos"][n] for n in self.sources]
 
 

