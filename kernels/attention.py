@@ -1,7 +1,7 @@
 # Scaled dot-product attention, FlashAttention-2 algorithm (Dao 2023, arXiv 2307.08691), written from the paper and
 # KERNELS.md's notes; no code copied. q (B, Tq, H, D), k/v (B, Tk, Hkv, D), H a multiple of Hkv (MHA, GQA, MQA),
 # scale 1/sqrt(D), causal mask aligned bottom-right (query i sees keys j <= i + Tk - Tq, as flash-attn >= 2.1; Tq == Tk
-# in training). Any sequence length (masked tails), head_dim 64 or 128, fp32 / fp16 / bf16 (math in fp32).
+# in training). Any sequence length (masked tails), head_dim 16/32/64/128, fp32 / fp16 / bf16 (math in fp32).
 #   forward: online softmax in the exp2 domain; the causal loop is split into unmasked off-diagonal key blocks and
 #            masked diagonal/tail blocks; saves lse = logsumexp(scores) (B, H, Tq) fp32 (natural log).
 #   backward: Delta = rowsum(O * dO) pre-pass; dK/dV with one program per (key block, kv head) that loops over the
@@ -17,7 +17,7 @@ from torch.library import triton_op
 from kernels.utils import check_device, dot_precision, interpreting, launch
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native instruction
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # powers of two that tl.dot takes; SmolLM2 uses 64, the tiny preset 16
 
 
 # ----------------------------------------------------------------------------------------------------------- forward
@@ -139,13 +139,13 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot,
             do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :])
             lse = tl.load(LSE + rows)
             delta = tl.load(DELTA + rows)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        p_t = tl.math.exp2(s_t * QK_SCALE - (lse * 1.4426950408889634)[None, :])
-        if MASKED:
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * QK_SCALE  # (BLOCK_N, BLOCK_M), log2 units
+        if MASKED:  # mask before exp2: masked scores may exceed lse and would overflow
             keep = rows[None, :] < Tq
             if CAUSAL:
                 keep = keep & (offs_n[:, None] <= rows[None, :] + OFFSET)
-            p_t = tl.where(keep, p_t, 0.0)
+            s_t = tl.where(keep, s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - (lse * 1.4426950408889634)[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -219,13 +219,13 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_
         else:
             k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :])
             v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(s * QK_SCALE - lse2[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
         if MASKED:
             keep = cols[None, :] < Tk
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None] + OFFSET)
-            p = tl.where(keep, p, 0.0)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -292,7 +292,7 @@ def _config(kind, dtype, head_dim):
     if interpreting():
         return INTERPRET_CONFIGS[kind]
     table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind]
-    return table[(2 if dtype in (torch.float16, torch.bfloat16) else 4, head_dim)]
+    return table[(2 if dtype in (torch.float16, torch.bfloat16) else 4, 64 if head_dim <= 64 else 128)]
 
 
 def _unit_last(t):
