@@ -286,7 +286,7 @@ def _encode_docs(texts):
     flat[ends - 1] = _worker_eos  # <|endoftext|> after every document
     if len(flat) and (flat.max() >= 65536 or flat.min() < 0):
         raise DataError(f"token id {flat.max()} does not fit uint16")
-    return flat.astype(np.uint16), lens
+    return flat.astype(np.uint16), lens, sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
 
 def _batches(docs, max_chars=1 << 20, max_docs=1024):  # ~1 MB of text per task: big enough to amortise IPC
@@ -322,13 +322,14 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
     t0 = time.time()
     train = _Writer(os.path.join(d, "train"), tok.vocab_size, eos, tok.identity)
     val = _Writer(os.path.join(d, "val"), tok.vocab_size, eos, tok.identity)
-    pool, n_chars, n_doc, n_bytes = None, 0, 0, 0.0
+    pool, n_text, n_doc, n_bytes = None, 0, 0, 0.0  # UTF-8 bytes of text, documents, bytes of input read
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{name:>8s}", smoothing=0.1)
     try:
         def consume(res, nbytes):
-            nonlocal n_doc, n_bytes
+            nonlocal n_doc, n_bytes, n_text
             n_bytes += nbytes
-            flat, lens = res
+            flat, lens, text_bytes = res
+            n_text += text_bytes
             offs = np.concatenate([[0], np.cumsum(lens)])
             is_val = np.zeros(len(lens), bool)
             if stride:
@@ -353,7 +354,6 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
                 workers, initializer=_init_worker, initargs=(tok if fork else None, tok_path, 1))
             pending = deque()  # bounded in-flight tasks: Pool.imap would read the whole corpus into its queue
             for batch, nbytes in _batches(docs):
-                n_chars += sum(len(t) for t in batch)
                 pending.append((pool.apply_async(_encode_docs, (batch,)), nbytes))
                 if len(pending) >= 2 * workers:
                     r, nb = pending.popleft()
@@ -364,7 +364,6 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
         else:
             _init_worker(tok, tok_path, None)  # in this process, with the tokenizer's own threads
             for batch, nbytes in _batches(docs):
-                n_chars += sum(len(t) for t in batch)
                 consume(_encode_docs(batch), nbytes)
         if train.n_docs == 0:
             raise DataError(f"source '{name}': empty source, no non-empty documents"
@@ -385,14 +384,14 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
     secs = time.time() - t0
     n_tok = train.n_tokens + val.n_tokens
     meta = dict(name=name, n_docs=train.n_docs, n_tokens=train.n_tokens, val_docs=val.n_docs,
-                val_tokens=val.n_tokens, chars=n_chars, input_bytes=int(n_bytes),
-                chars_per_token=round(n_chars / max(1, n_tok), 3), seconds=round(secs, 2), vocab_size=tok.vocab_size,
+                val_tokens=val.n_tokens, text_bytes=n_text, input_bytes=int(n_bytes),
+                bytes_per_token=round(n_text / max(1, n_tok), 3), seconds=round(secs, 2), vocab_size=tok.vocab_size,
                 eos_id=eos, tokenizer=tok.identity, command=cmd, **(extra or {}))
     with open(os.path.join(d, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(os.path.join(d, "meta.json.tmp"), os.path.join(d, "meta.json"))
     print(f"{name}: {train.n_docs + val.n_docs:,} documents, {n_tok:,} tokens ({val.n_tokens:,} val), "
-          f"{n_chars / max(1, n_tok):.2f} chars/token, {secs:.1f} s", flush=True)
+          f"{n_text / max(1, n_tok):.2f} bytes/token, {n_text / 1e6 / secs:.2f} MB/s, {secs:.1f} s", flush=True)
     return meta
 
 
@@ -816,7 +815,7 @@ class MixtureLoader:
         self.stage_seq = 0
         self.pos = [0] * len(self.sources)
         self._enter_stage(0)
-        self._warned_val = set()
+        self._warned_val, self._warned_epochs = set(), set()
 
     @staticmethod
     def _check_stages(stages, block_size, batch_size, available):
@@ -886,6 +885,12 @@ class MixtureLoader:
             self.tokens_consumed += n * T
             left = None if left is None else left - n
             j += n
+        if self.rank == 0:
+            for d, src in enumerate(self._src):
+                if self.pos[d] > 4 * src.n and src.name not in self._warned_epochs:
+                    self._warned_epochs.add(src.name)  # SmolLM2 kept every source under about 4-5 epochs (§3)
+                    print(f"warning: source '{src.name}' is past 4 epochs ({src.n:,} tokens); repetition beyond ~4-5 "
+                          f"epochs starts to hurt (SmolLM2 paper §4)", file=sys.stderr)
         x = torch.from_numpy(buf[:, :-1].astype(np.int64))  # (B, T) int64, contiguous
         y = torch.from_numpy(buf[:, 1:].astype(np.int64))
         return x, y

@@ -391,3 +391,31 @@ def test_prepare_fast_path_identical_to_tokenizers(tmp_path):
         assert a == b, f
     n = len(data._open_tokens(os.path.join(outs[0], "s", "train.bin")))
     assert n > 200_000
+
+
+def test_quickstart_preset_builds_once(tmp_path, monkeypatch):
+    # the real preset's generators on a small budget (the full corpus takes ~1 minute)
+    import functools
+    monkeypatch.setattr(data, "QUICKSTART_SOURCES", {
+        "code": functools.partial(data.quickstart_code, max_bytes=150_000),
+        "prose": functools.partial(data.quickstart_prose, max_bytes=50_000),
+        "math": functools.partial(data.quickstart_math, n_docs=300)})
+    out = str(tmp_path / "qs")
+    data.prepare_preset("quickstart", out, workers=2)
+    assert data.quickstart_complete(out)
+    stamp = os.path.getmtime(os.path.join(out, "math", "train.bin"))
+    data.prepare_preset("quickstart", out, workers=2)               # complete and valid: nothing to do
+    assert os.path.getmtime(os.path.join(out, "math", "train.bin")) == stamp
+    l = data.MixtureLoader(out, block_size=64, batch_size=4,
+                           stages=[{"start": 0, "weights": {"code": 0.5, "prose": 0.3, "math": 0.2}}])
+    x, y = l.next_batch()
+    tok = data.load_tokenizer(out)
+    text = tok.decode(l.val_batches("math", 1)[0][0][0].tolist())
+    assert "Problem:" in text or "Solution:" in text or "Answer:" in text
+    with open(os.path.join(out, "code", "train.bin"), "ab") as f:  # a damaged file: the next call rebuilds
+        f.write(b"\0\0")
+    assert not data.quickstart_complete(out)
+    data.prepare_preset("quickstart", out, workers=2)
+    assert data.quickstart_complete(out)
+    with pytest.raises(data.DataError, match="unknown preset"):
+        data.prepare_preset("fineweb", out)
