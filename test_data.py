@@ -419,3 +419,26 @@ def test_quickstart_preset_builds_once(tmp_path, monkeypatch):
     assert data.quickstart_complete(out)
     with pytest.raises(data.DataError, match="unknown preset"):
         data.prepare_preset("fineweb", out)
+
+
+def test_cli_and_tokenizer_conflicts(tmp_path):
+    import subprocess
+    import sys
+    write_sources(tmp_path)
+    out = str(tmp_path / "out")
+    run = lambda *a: subprocess.run([sys.executable, "data.py", *a], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(data.__file__)))
+    r = run("--out", out, "--train_tokenizer", "300", "--source", f"js={tmp_path / 'a.jsonl'}", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "js: 20 documents" in r.stdout and "bytes/token" in r.stdout
+    meta = json.load(open(os.path.join(out, "js", "meta.json")))
+    assert meta["command"].startswith("python data.py --out") and meta["n_docs"] + meta["val_docs"] == 20
+    r = run("--out", out, "--tokenizer", os.path.join(out, "tokenizer.json"), "--source", f"x={tmp_path / 'docs' / 'notes.pdf'}")
+    assert r.returncode == 1 and "unknown file type" in r.stderr and "Traceback" not in r.stderr
+    # another tokenizer into the same directory is refused, and the directory's tokenizer.json is left alone
+    before = open(os.path.join(out, "tokenizer.json")).read()
+    with pytest.raises(data.DataError, match="another tokenizer"):
+        data.prepare(out, {"pq": str(tmp_path / "c.parquet")}, train_vocab=280, workers=1)
+    assert open(os.path.join(out, "tokenizer.json")).read() == before
+    data.prepare(out, {"js": str(tmp_path / "a.jsonl")}, train_vocab=280, workers=1)  # re-preparing all of it is fine
+    assert data.MixtureLoader(out, 8, 2).vocab_size == 280
