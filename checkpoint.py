@@ -236,10 +236,10 @@ def load_pretrained(cls, path: str, dtype=torch.float32, device="cpu", **overrid
     with torch.device("meta"):
         model = cls(cfg)
     model.load_state_dict(sd, strict=True, assign=True)  # tensors are adopted, not copied into meta storage
-    model.to(device)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    model.setup_rope(cfg.block_size, cfg.rope_theta)
+    model.setup_rope(cfg.block_size, cfg.rope_theta)  # the rope tables were built on meta
+    model.to(device)
     if path.endswith(".gguf") or os.path.exists(os.path.join(path, "tokenizer.json")):
         from tokenizer import Tokenizer
         model.tokenizer = Tokenizer.from_file(path)
