@@ -94,11 +94,11 @@ def read_header(path, cmd=None):
 
 class _Writer:
     """Streams a token file (.bin) and its document index (.idx) to temporary names; finish() renames them into place.
-    An interrupted run leaves only *.tmp files, which nothing reads."""
+    An interrupted run leaves only *.tmp<pid> files, which nothing reads (the pid keeps two concurrent runs apart)."""
 
     def __init__(self, path_stem, vocab_size, eos_id, identity):
-        self.stem, self.meta = path_stem, (vocab_size, eos_id, identity)
-        self.fb, self.fi = open(path_stem + ".bin.tmp", "wb"), open(path_stem + ".idx.tmp", "wb")
+        self.stem, self.meta, self.tmp = path_stem, (vocab_size, eos_id, identity), f".tmp{os.getpid()}"
+        self.fb, self.fi = open(path_stem + ".bin" + self.tmp, "wb"), open(path_stem + ".idx" + self.tmp, "wb")
         self.fb.write(b"\0" * HEADER_BYTES)  # placeholder; a zero magic never validates
         self.fi.write(b"\0" * HEADER_BYTES)
         self.n_tokens, self.n_docs = 0, 0
@@ -118,11 +118,11 @@ class _Writer:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        os.replace(self.stem + ".bin.tmp", self.stem + ".bin")
-        os.replace(self.stem + ".idx.tmp", self.stem + ".idx")
+        os.replace(self.stem + ".bin" + self.tmp, self.stem + ".bin")
+        os.replace(self.stem + ".idx" + self.tmp, self.stem + ".idx")
 
     def abort(self):
-        for f, suffix in ((self.fb, ".bin.tmp"), (self.fi, ".idx.tmp")):
+        for f, suffix in ((self.fb, ".bin" + self.tmp), (self.fi, ".idx" + self.tmp)):
             f.close()
             if os.path.exists(self.stem + suffix):
                 os.remove(self.stem + suffix)
@@ -255,7 +255,7 @@ def train_tokenizer(doc_iter, vocab_size, out_path):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=True,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(doc_iter, trainer=trainer)
-    tmp = out_path + ".tmp"
+    tmp = out_path + f".tmp{os.getpid()}"
     tk.save(tmp)
     os.replace(tmp, out_path)
 
@@ -387,9 +387,9 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
                 val_tokens=val.n_tokens, text_bytes=n_text, input_bytes=int(n_bytes),
                 bytes_per_token=round(n_text / max(1, n_tok), 3), seconds=round(secs, 2), vocab_size=tok.vocab_size,
                 eos_id=eos, tokenizer=tok.identity, command=cmd, **(extra or {}))
-    with open(os.path.join(d, "meta.json.tmp"), "w") as f:
+    with open(os.path.join(d, f"meta.json.tmp{os.getpid()}"), "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(os.path.join(d, "meta.json.tmp"), os.path.join(d, "meta.json"))
+    os.replace(os.path.join(d, f"meta.json.tmp{os.getpid()}"), os.path.join(d, "meta.json"))
     print(f"{name}: {train.n_docs + val.n_docs:,} documents, {n_tok:,} tokens ({val.n_tokens:,} val), "
           f"{n_text / max(1, n_tok):.2f} bytes/token, {n_text / 1e6 / secs:.2f} MB/s, {secs:.1f} s", flush=True)
     return meta
@@ -400,26 +400,31 @@ def _setup_tokenizer(out_dir, tokenizer_path=None, train_vocab=None, train_docs=
     already there (other than those in `replacing`) was encoded with."""
     os.makedirs(out_dir, exist_ok=True)
     tj = os.path.join(out_dir, "tokenizer.json")
-    if train_vocab:
-        print(f"training a byte-level BPE of {train_vocab} tokens on the sources ...", flush=True)
-        train_tokenizer(train_docs(), train_vocab, tj + ".new")
-        tok = load_tokenizer(tj + ".new")
-    else:
-        tok = load_tokenizer(tokenizer_path)
-    if tok.vocab_size > 65536:
-        raise DataError(f"tokenizer vocabulary {tok.vocab_size} does not fit uint16 token files (max 65536); use a "
-                        f"smaller vocabulary (SmolLM2: 49152)")
-    for m in glob.glob(os.path.join(out_dir, "*", "meta.json")):
-        with open(m) as f:
-            other = json.load(f)
-        if other.get("tokenizer") != tok.identity and other.get("name") not in replacing:
-            raise DataError(f"{os.path.dirname(m)} was tokenized with another tokenizer ({other.get('tokenizer')} vs "
-                            f"{tok.identity}); every source of a data directory must share one. Use another --out, "
-                            f"or re-prepare that source too")
-    if train_vocab:
-        os.replace(tj + ".new", tj)
-    else:
-        tok.save(out_dir)  # so a data directory is self-describing: load_tokenizer(out_dir)
+    new = tj + f".new{os.getpid()}"  # a trained tokenizer waits here until the checks pass
+    try:
+        if train_vocab:
+            print(f"training a byte-level BPE of {train_vocab} tokens on the sources ...", flush=True)
+            train_tokenizer(train_docs(), train_vocab, new)
+            tok = load_tokenizer(new)
+        else:
+            tok = load_tokenizer(tokenizer_path)
+        if tok.vocab_size > 65536:
+            raise DataError(f"tokenizer vocabulary {tok.vocab_size} does not fit uint16 token files (max 65536); use a "
+                            f"smaller vocabulary (SmolLM2: 49152)")
+        for m in glob.glob(os.path.join(out_dir, "*", "meta.json")):
+            with open(m) as f:
+                other = json.load(f)
+            if other.get("tokenizer") != tok.identity and other.get("name") not in replacing:
+                raise DataError(f"{os.path.dirname(m)} was tokenized with another tokenizer ({other.get('tokenizer')} "
+                                f"vs {tok.identity}); every source of a data directory must share one. Use another "
+                                f"--out, or re-prepare that source too")
+        if train_vocab:
+            os.replace(new, tj)
+        else:
+            tok.save(out_dir)  # so a data directory is self-describing: load_tokenizer(out_dir)
+    finally:
+        if os.path.exists(new):
+            os.remove(new)
     return tok, (tj if train_vocab else tokenizer_path)
 
 
