@@ -268,7 +268,8 @@ def test_errors_are_clear():
 
 
 def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    import kernels.utils
+    monkeypatch.setattr(kernels.utils, "INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)
 
@@ -305,6 +306,27 @@ def test_tiny_model_kernels_on_equals_off():
     p_off = dict(m_off.named_parameters())
     for name, p in m_on.named_parameters():
         torch.testing.assert_close(p.grad, p_off[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_tiny_model_compile_fullgraph_traces_kernels():
+    # Dynamo half of torch.compile(fullgraph=True) on CPU: model.py and the kernels' Python wrappers trace without a
+    # graph break, and the ops (shape-propagated with fake tensors) run as Triton kernels in the compiled graph. The
+    # Inductor half (which traces into the kernels) needs a GPU: test_gpu_compile_fullgraph.
+    from model import GPT
+    torch._dynamo.reset()
+    m = GPT(_tiny_model_config(triton_rmsnorm=True, triton_rope=True, triton_attention=True)).to(DEV)
+    idx = torch.randint(0, 97, (1, 17), device=DEV)
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    with triton_only("rms_norm_fwd", "rms_norm_bwd", "rope_fwd", "rope_bwd", "attention_fwd", "attention_bwd_dq"):
+        logits_c, loss_c = compiled(idx, idx)
+        loss_c.backward()
+    g_c = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    logits, loss = m(idx, idx)
+    loss.backward()
+    torch.testing.assert_close(logits_c, logits, atol=0, rtol=0)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(g_c[n], p.grad, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU only

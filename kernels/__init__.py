@@ -6,8 +6,6 @@
 # model.py calls them on CUDA by default and keeps its PyTorch code as the reference (triton_*=False).
 # Without a GPU, TRITON_INTERPRET=1 (set before this import; conftest.py does it) runs them on CPU tensors, slowly.
 # Importing this package never fails: without Triton (macOS, Windows) the ops raise an error that says what to do.
-from kernels.utils import interpreting
-
 try:
     import triton  # noqa: F401
     _import_error = None
@@ -18,8 +16,8 @@ if _import_error is None:
     from kernels.attention import attention
     from kernels.rmsnorm import rms_norm
     from kernels.rope import rope
+    from kernels.utils import INTERPRET as _interpret_at_import
     from kernels.utils import launches
-    _interpret_at_import = interpreting()  # @triton.jit chose interpreter or compiler when the kernels were defined
 else:  # pragma: no cover
     launches = {}
     _interpret_at_import = False

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.utils import check_device, dot_precision, interpreting, launch
+from kernels.utils import INTERPRET, check_device, dot_precision, launch
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native instruction
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # powers of two that tl.dot takes; SmolLM2 uses 64, the tiny preset 16
@@ -289,7 +289,7 @@ INTERPRET_CONFIGS = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 1
 
 
 def _config(kind, dtype, head_dim):
-    if interpreting():
+    if INTERPRET:
         return INTERPRET_CONFIGS[kind]
     table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind]
     return table[(2 if dtype in (torch.float16, torch.bfloat16) else 4, 64 if head_dim <= 64 else 128)]

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.utils import check_device, interpreting, launch, num_sms
+from kernels.utils import INTERPRET, check_device, launch, num_sms
 
 
 @triton.jit
@@ -65,7 +65,7 @@ MAX_COLS = 65536
 
 def _tile(n_cols):
     block_c = triton.next_power_of_2(n_cols)
-    elems = 1024 if interpreting() else 8192
+    elems = 1024 if INTERPRET else 8192
     block_m = max(1, min(16, elems // block_c))
     num_warps = 8 if block_m * block_c >= 8192 else 4
     return block_m, block_c, num_warps
@@ -105,7 +105,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     tiles = triton.cdiv(n_rows, block_m)
     # enough programs to fill the GPU ~4x over (KERNELS.md: Liger's bwd with one program per SM is latency-bound);
     # each program walks its own contiguous run of tiles and keeps one fp32 dw row
-    max_programs = 3 if interpreting() else 4 * num_sms(x.device.index or 0)
+    max_programs = 3 if INTERPRET else 4 * num_sms(x.device.index or 0)
     programs = max(1, min(tiles, max_programs))
     rows_per_program = triton.cdiv(tiles, programs) * block_m
     programs = triton.cdiv(n_rows, rows_per_program)

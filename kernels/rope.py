@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.utils import check_device, interpreting, launch
+from kernels.utils import INTERPRET, check_device, launch
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _tile(n_heads, half):
     block_half = triton.next_power_of_2(half)
     # ~4K elements per half-tile on the GPU (9 heads -> 16 x 32 x 8 tokens); not yet tuned on a GPU (owed).
     # Under the interpreter: 2 tokens per program so the tests cross program boundaries with odd T.
-    elems = 0 if interpreting() else 4096
+    elems = 0 if INTERPRET else 4096
     block_t = max(2, min(64, elems // (block_h * block_half)))
     return block_t, block_h, block_half
 
