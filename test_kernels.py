@@ -434,9 +434,11 @@ def test_gpu_compile_fullgraph():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         _, loss_c = compiled(idx, idx)
     loss_c.backward()
+    # Inductor fuses the surrounding bf16 ops differently from eager: compare in norm, not elementwise
     torch.testing.assert_close(loss_c, loss_eager, atol=2e-2, rtol=1e-2)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, g_eager[n], atol=5e-2, rtol=5e-2, msg=lambda m: f"{n}: {m}")
+        rel = ((p.grad.float() - g_eager[n].float()).norm() / g_eager[n].float().norm()).item()
+        assert rel < 2e-2, f"{n}: compiled grad differs from eager by {rel:.2e} (relative L2)"
 
 
 @cuda

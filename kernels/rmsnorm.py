@@ -58,14 +58,17 @@ def _rms_norm_backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, ro
 
 
 # Tile shapes. Rows are padded to a power of two (576 -> 1024 columns, masked); BLOCK_M rows are stacked until a tile
-# holds ~8K elements (H100: 8 rows of 1024 for hidden 576/960, 4 of 2048). Not yet tuned on a GPU: owed, see
-# BENCHMARKS_kernels.md. Under the interpreter the tiles are smaller so that the tests cross row-tile boundaries.
+# holds TILE_ELEMS elements (8 rows of 1024 for hidden 576/960, 4 of 2048); the backward runs BWD_PROGRAMS_PER_SM
+# programs per SM. Not yet tuned on a GPU: owed, see BENCHMARKS_kernels.md. Under the interpreter the tiles are
+# smaller so that the tests cross row-tile and program boundaries.
+TILE_ELEMS = 8192
+BWD_PROGRAMS_PER_SM = 4
 MAX_COLS = 65536
 
 
 def _tile(n_cols):
     block_c = triton.next_power_of_2(n_cols)
-    elems = 1024 if INTERPRET else 8192
+    elems = 1024 if INTERPRET else TILE_ELEMS
     block_m = max(1, min(16, elems // block_c))
     num_warps = 8 if block_m * block_c >= 8192 else 4
     return block_m, block_c, num_warps
@@ -103,9 +106,9 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     block_m, block_c, num_warps = _tile(n_cols)
     block_m = max(1, block_m // 2)  # backward holds x, dy and the dw accumulator per row: half the rows per tile
     tiles = triton.cdiv(n_rows, block_m)
-    # enough programs to fill the GPU ~4x over (KERNELS.md: Liger's bwd with one program per SM is latency-bound);
+    # enough programs to fill the GPU several times over (KERNELS.md: Liger's bwd, one program per SM, is latency-bound);
     # each program walks its own contiguous run of tiles and keeps one fp32 dw row
-    max_programs = 3 if INTERPRET else 4 * num_sms(x.device.index or 0)
+    max_programs = 3 if INTERPRET else BWD_PROGRAMS_PER_SM * num_sms(x.device.index or 0)
     programs = max(1, min(tiles, max_programs))
     rows_per_program = triton.cdiv(tiles, programs) * block_m
     programs = triton.cdiv(n_rows, rows_per_program)
