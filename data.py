@@ -34,6 +34,7 @@ import sysconfig
 import time
 import zlib
 from collections import deque
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -765,28 +766,45 @@ class _Interleave:
     """Which source each sequence of a stage comes from. Largest-deficit interleaving (Megatron's blending index) lets a
     source fall up to ~1.2 sequences behind its share with several sources; Tijdeman's rule (The chairman assignment
     problem, 1980) keeps |count_d - w_d * n| <= 1 - 1/(2k-2) < 1 for every prefix of n sequences: among the sources
-    that would not run ahead by more than that, take the one whose next deadline (count_d + s) / w_d comes first.
-    The rule depends on the counts alone, so they are the whole state."""
+    that would not run ahead by more than that, take the one whose next deadline (count_d + s) / w_d comes first,
+    s = 1 - 1/(2k-2). Weights are exact fractions p_d / q (integer arithmetic, no float drift over billions of
+    sequences). The rule is then periodic with period q (at n = q every count is exactly p_d, and the rule is invariant
+    under n -> n + q, c_d -> c_d + p_d), so for q <= PERIOD_MAX one period is tabulated and a batch's sources are a
+    table lookup, whatever the world size."""
+    PERIOD_MAX = 1 << 16
 
     def __init__(self, weights):
-        self.w = list(weights)
-        self.inv = [1.0 / w for w in self.w]
-        k = len(self.w)
-        self.s = 1.0 - 1.0 / (2 * k - 2) if k > 1 else 0.0
+        fr = [Fraction(w).limit_denominator(10 ** 6) for w in weights]  # 0.9 -> 9/10, exactly what was meant
+        fr = [f / sum(fr) for f in fr]
+        self.q = math.lcm(*(f.denominator for f in fr))
+        self.p = [f.numerator * (self.q // f.denominator) for f in fr]  # weights p_d / q, sum(p) == q
+        self.m = max(1, 2 * len(fr) - 2)                                # 1 - s = 1 / m
+        self.table = self._run([0] * len(fr), 0, self.q) if self.q <= self.PERIOD_MAX else None
 
-    def pick(self, counts, i):  # the source of sequence i (0-based) given the counts of sequences 0..i-1
-        if len(self.w) == 1:
-            return 0
-        n, s, lo = i + 1, self.s, 1.0 - self.s - 1e-9
-        best, best_deadline = -1, math.inf
-        for d, (w, inv, c) in enumerate(zip(self.w, self.inv, counts)):
-            if w * n - c >= lo:
-                deadline = (c + s) * inv
-                if deadline < best_deadline - 1e-12:
-                    best, best_deadline = d, deadline
-        if best < 0:  # cannot happen in exact arithmetic; take the largest deficit
-            best = max(range(len(self.w)), key=lambda d: self.w[d] * n - counts[d])
-        return best
+    def _run(self, counts, i, n):  # the sources of sequences i .. i+n-1 of the stage; counts (of 0..i-1) updated
+        p, q, m, k = self.p, self.q, self.m, len(self.p)
+        out = np.empty(n, dtype=np.int64)
+        for j in range(n):
+            t, best = i + j + 1, -1  # t sequences once this one is taken
+            for d in range(k):
+                # eligible: w*t - c >= 1 - s; deadline (c + s) / w ~ (m*c + m - 1) / p_d; earliest wins, ties: lowest d
+                if m * (p[d] * t - q * counts[d]) >= q:
+                    a = m * counts[d] + m - 1
+                    if best < 0 or a * p[best] < best_a * p[d]:
+                        best, best_a = d, a
+            if best < 0:  # impossible by Tijdeman's theorem; kept so a bug cannot stall training
+                best = max(range(k), key=lambda d: p[d] * t - q * counts[d])
+            counts[best] += 1
+            out[j] = best
+        return out
+
+    def picks(self, counts, i, n):
+        if self.table is None:
+            return self._run(counts, i, n)
+        out = self.table[(i + np.arange(n)) % self.q]
+        for d, c in enumerate(np.bincount(out, minlength=len(counts))):
+            counts[d] += int(c)
+        return out
 
 
 class MixtureLoader:
@@ -806,9 +824,9 @@ class MixtureLoader:
         available = check_data_dir(data_dir)
         if not available:
             raise DataError(f"{data_dir}: no prepared sources in it\n---> HINT: python data.py --out {data_dir} ...")
-        if stages is None:  # one stage, each source at its natural share of tokens
+        if stages is None:  # one stage, each source at its natural share of tokens (in 1/1000: a short period)
             total = sum(m["n_tokens"] for m in available.values())
-            stages = [{"start": 0, "weights": {n: m["n_tokens"] / total for n, m in available.items()}}]
+            stages = [{"start": 0, "weights": {n: max(1, round(1000 * m["n_tokens"] / total)) for n, m in available.items()}}]
         self.stages = self._check_stages(stages, block_size, batch_size, sorted(available))
         self.sources = sorted({n for s in self.stages for n in s["weights"]})
         self.metas = {n: available[n] for n in self.sources}
@@ -879,17 +897,16 @@ class MixtureLoader:
         while j < B * W:
             if left == 0:
                 left = self._next_switch(batch_start=False)
-            n = B * W - j if left is None else min(B * W - j, left)
-            counts, src, pos, mix, i = self._counts, self._stage_src, self.pos, self._mix, self.stage_seq
-            for jj in range(j, j + n):  # n sequences of the current stage
-                local = mix.pick(counts, i)
-                counts[local] += 1
-                i += 1
-                d = src[local]
-                if jj % W == rank:
-                    self._src[d].read(pos[d], buf[jj // W])
-                pos[d] += T  # windows overlap by one token: each token is an input once and a target once
-            self.stage_seq = i
+            n = B * W - j if left is None else min(B * W - j, left)  # the next n sequences are all of this stage
+            loc = self._mix.picks(self._counts, self.stage_seq, n)         # (n,) stage-local source of each
+            cs = np.cumsum(loc[:, None] == np.arange(len(self._stage_src)), axis=0)  # (n, k) running counts
+            sel = np.arange((rank - j) % W, n, W)                          # this rank's sequences in the run
+            for t, l, o in zip(sel.tolist(), loc[sel].tolist(), (cs[sel, loc[sel]] - 1).tolist()):
+                d = self._stage_src[l]  # the o-th sequence of source d in this run; windows overlap by one token
+                self._src[d].read(self.pos[d] + o * T, buf[(j + t) // W])  # so each token is input and target once
+            for l, c in enumerate(cs[-1].tolist()):
+                self.pos[self._stage_src[l]] += c * T
+            self.stage_seq += n
             self.seq += n
             self.tokens_consumed += n * T
             left = None if left is None else left - n

@@ -442,3 +442,18 @@ def test_cli_and_tokenizer_conflicts(tmp_path):
     assert open(os.path.join(out, "tokenizer.json")).read() == before
     data.prepare(out, {"js": str(tmp_path / "a.jsonl")}, train_vocab=280, workers=1)  # re-preparing all of it is fine
     assert data.MixtureLoader(out, 8, 2).vocab_size == 280
+
+
+@pytest.mark.parametrize("weights", [[0.9, 0.1], [0.75, 0.2, 0.05], [1, 2, 3, 4, 5, 6, 7], [0.123457, 0.5, 0.376543]])
+def test_interleave_table_equals_rule_and_bound(weights):
+    mix = data._Interleave(weights)
+    n = 3 * mix.q if mix.q <= 5000 else 20000
+    seq = mix._run([0] * len(weights), 0, n)                   # the rule, sequence by sequence
+    counts, got = [0] * len(weights), []
+    for i in range(0, n, 37):                                   # in uneven runs, through the period table if any
+        got.append(mix.picks(counts, i, min(37, n - i)))
+    assert (mix.table is None) == (mix.q > mix.PERIOD_MAX)
+    np.testing.assert_array_equal(np.concatenate(got), seq)
+    w = np.array(weights, float) / sum(weights)
+    c = np.cumsum(np.eye(len(weights))[seq], axis=0)
+    assert np.abs(c - np.arange(1, n + 1)[:, None] * w).max() <= 1 - 1 / (2 * len(weights) - 2) + 1e-9
