@@ -809,8 +809,9 @@ class _Interleave:
 
 class MixtureLoader:
     """Mixes the sources of data_dir by stage. The global stream of sequences (all ranks together) is fixed by the
-    seed, the stages and the data alone, not by world size or batch size: sequence g of the stream goes to rank
-    g % world_size, each next_batch() takes the next batch_size * world_size sequences. So proportions hold in every
+    seed, the stages and the data alone, not by world size or batch size: each next_batch() takes the next global
+    batch of batch_size * world_size sequences, and its j-th sequence goes to rank j % world_size (row j // world_size).
+    So proportions hold in every
     global batch, ranks read disjoint sequences, and a resume at another world size or batch size continues the same
     stream exactly. (One exception: a stage that changes block_size or batch_size begins with the first global batch
     at or after its start, so where it begins depends on the global batch size.)"""
