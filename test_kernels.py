@@ -95,7 +95,7 @@ def test_available_and_interpreter():
         assert os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py; CPU runs go through Triton's interpreter
 
 
-@pytest.mark.parametrize("shape", [(2, 17, 576), (1, 1, 123), (3, 64, 123), (37, 576)])
+@pytest.mark.parametrize("shape", [(2, 17, 576), (1, 1, 123), (3, 64, 123), (37, 576), (1, 9, 960), (2, 5, 2048)])
 def test_rms_norm_fp32(shape):
     x, w = leaf(*shape), leaf(shape[-1], scale=0.5)
     with torch.no_grad():
@@ -161,7 +161,8 @@ def test_rope_strided_view_fp16():
 ATTN_CASES = [(B, T, H, Hkv, 64) for (H, Hkv) in [(9, 3), (4, 1), (2, 2)] for (B, T) in [(2, 1), (1, 17), (2, 64)]]
 
 
-@pytest.mark.parametrize("B,T,H,Hkv,D", ATTN_CASES + [(1, 33, 2, 1, 128), (2, 23, 4, 2, 16)])
+@pytest.mark.parametrize("B,T,H,Hkv,D", ATTN_CASES + [(1, 33, 2, 1, 128), (2, 23, 4, 2, 16), (3, 113, 1, 1, 64),
+                                                      (1, 17, 15, 5, 64)])
 def test_attention_fp32(B, T, H, Hkv, D):
     q, k, v = leaf(B, T, H, D), leaf(B, T, Hkv, D), leaf(B, T, Hkv, D)
     do = torch.randn(B, T, H, D, device=DEV)
@@ -272,6 +273,16 @@ def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(kernels.utils, "INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit path")
+def test_bench_script_exits_cleanly_without_gpu():
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "bench_kernels.py"], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    assert r.returncode == 0 and "needs a CUDA GPU" in r.stdout, r.stdout + r.stderr
 
 
 def _tiny_model_config(**kw):

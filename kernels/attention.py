@@ -332,10 +332,10 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     scale = 1.0 / math.sqrt(D)
     precision = dot_precision(q.dtype)
-    block_m = _config("dq", q.dtype, D)[0]
+    block_m = 16 if INTERPRET else 64  # a streaming pass: 64 rows x D per program keeps registers low
     launch("attention_bwd_pre", _attn_bwd_preprocess_kernel, (triton.cdiv(Tq, block_m), B * H), o, do, delta,
            o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Tq,
-           HEAD_DIM=D, BLOCK_M=block_m, num_warps=4)
+           HEAD_DIM=D, BLOCK_M=block_m, num_warps=4 if D <= 64 else 8)
     block_m, block_n, num_warps, num_stages = _config("dkdv", q.dtype, D)
     launch("attention_bwd_dkdv", _attn_bwd_dkdv_kernel, (triton.cdiv(Tk, block_n), B * Hkv), q, k, v, do, lse, delta,
            dk, dv, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
