@@ -6,6 +6,8 @@
 # model.py calls them on CUDA by default and keeps its PyTorch code as the reference (triton_*=False).
 # Without a GPU, TRITON_INTERPRET=1 (set before this import; conftest.py does it) runs them on CPU tensors, slowly.
 # Importing this package never fails: without Triton (macOS, Windows) the ops raise an error that says what to do.
+# Note: kernels.attention and kernels.rope name the functions, not the submodules (importlib.import_module reaches
+# those, e.g. to edit the tile tables in kernels/attention.py).
 try:
     import triton  # noqa: F401
     _import_error = None
