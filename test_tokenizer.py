@@ -156,9 +156,16 @@ def test_identity(tok, slow):
     assert Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec))).identity != tok.identity
     spec = json.loads(tok._tk.to_str())
     spec["pre_tokenizer"] = spec["pre_tokenizer"]["pretokenizers"][1]  # no digit splitting: different ids
-    t2 = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+    backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    t2 = Tokenizer(backend)
     assert t2.identity != tok.identity and not t2.fast  # an unproven vocabulary never gets the fast path by default
     assert t2.encode("a  1") != tok.encode("a  1")
+    # forcing it uses the plain GPT-2 pattern, which must agree too
+    texts = VARIED + [x for x, _ in REF_TEXTS] + stdlib_corpus(every=200)
+    assert Tokenizer(backend, fast=True).encode_batch(texts) == t2.encode_batch(texts)
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    with pytest.raises(ValueError, match="no tiktoken fast path"):
+        Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)), fast=True)
 
 
 def stdlib_corpus(every=8):
