@@ -670,12 +670,18 @@ def prepare_preset(preset, out_dir=None, workers=None):
 # loading
 
 
-def check_data_dir(data_dir, names=None):
-    """Checks every source's files (headers, sizes, one tokenizer for all). Returns {name: meta}."""
+def list_sources(data_dir):
+    """The complete sources of data_dir (those whose meta.json exists), sorted."""
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: no such data directory\n---> HINT: python data.py --out {data_dir} ... "
                         f"(or python data.py --preset quickstart)")
-    available = sorted(n for n in os.listdir(data_dir) if os.path.exists(os.path.join(data_dir, n, "meta.json")))
+    return sorted(n for n in os.listdir(data_dir) if os.path.exists(os.path.join(data_dir, n, "meta.json")))
+
+
+def check_data_dir(data_dir, names=None):
+    """Checks the files of the named sources (default: all): headers, sizes, one tokenizer for all. Returns
+    {name: meta}."""
+    available = list_sources(data_dir)
     names = available if names is None else names
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -822,15 +828,16 @@ class MixtureLoader:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.data_dir, self.rank, self.world_size, self.seed = data_dir, rank, world_size, seed
         self.chunk_tokens = chunk_tokens
-        available = check_data_dir(data_dir)
+        available = list_sources(data_dir)
         if not available:
             raise DataError(f"{data_dir}: no prepared sources in it\n---> HINT: python data.py --out {data_dir} ...")
         if stages is None:  # one stage, each source at its natural share of tokens (in 1/1000: a short period)
-            total = sum(m["n_tokens"] for m in available.values())
-            stages = [{"start": 0, "weights": {n: max(1, round(1000 * m["n_tokens"] / total)) for n, m in available.items()}}]
-        self.stages = self._check_stages(stages, block_size, batch_size, sorted(available))
+            metas = check_data_dir(data_dir)
+            total = sum(m["n_tokens"] for m in metas.values())
+            stages = [{"start": 0, "weights": {n: max(1, round(1000 * m["n_tokens"] / total)) for n, m in metas.items()}}]
+        self.stages = self._check_stages(stages, block_size, batch_size, available)
         self.sources = sorted({n for s in self.stages for n in s["weights"]})
-        self.metas = {n: available[n] for n in self.sources}
+        self.metas = check_data_dir(data_dir, self.sources)  # only the sources used: a broken unused one is no matter
         self.vocab_size = next(iter(self.metas.values()))["vocab_size"]
         self.tokenizer_identity = next(iter(self.metas.values()))["tokenizer"]
         self._src = [_Source(data_dir, n, seed, chunk_tokens) for n in self.sources]
