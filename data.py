@@ -235,7 +235,10 @@ def iter_documents(files, field="text"):
 
 def load_tokenizer(path):
     from tokenizer import Tokenizer  # tokenizer.json, HF directory or GGUF; picks the proven tiktoken fast path
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except (OSError, ValueError) as e:  # tokenizer.py's messages say what to pass instead
+        raise DataError(f"tokenizer {path}: {e}") from None
 
 
 def train_tokenizer(doc_iter, vocab_size, out_path):

@@ -313,6 +313,8 @@ def test_prepare_errors(tmp_path):
         prep(str(tmp_path / "a.jsonl"), text_field="body")
     with pytest.raises(data.DataError, match=r"missing text column 'body'.*--text_field"):
         prep(str(tmp_path / "c.parquet"), text_field="body")
+    with pytest.raises(data.DataError, match="tokenizer .*does not exist"):
+        prep(str(tmp_path / "a.jsonl"), tokenizer=str(tmp_path / "no_such_tokenizer.json"))
     with pytest.raises(data.DataError, match="at most 65536"):
         data.prepare(out, {"s": str(tmp_path / "a.jsonl")}, train_vocab=70000)
     # a tokenizer whose vocabulary does not fit uint16
