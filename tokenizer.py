@@ -210,6 +210,10 @@ class Tokenizer:
             self._tt = self._build_tiktoken()
         self.__dict__.pop("_spec_cache", None)  # ~50 MB of Python objects, rebuilt if ever needed again
 
+    def __repr__(self):
+        return (f"Tokenizer(vocab_size={self.vocab_size}, identity={self.identity!r}, fast={self.fast}, "
+                f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})")
+
     # ---------------------------------------------------------------------------------------------- loading / saving
     @classmethod
     def from_file(cls, path, fast: bool | None = None) -> "Tokenizer":
@@ -275,7 +279,8 @@ class Tokenizer:
     @property
     def identity(self) -> str:
         # Stable short hash of everything that decides the ids: vocab (in id order), merges, special tokens and the
-        # normalizer/pre-tokenizer. data.py stores it in token-file headers to catch a tokenizer mismatch.
+        # normalizer/pre-tokenizer. data.py stores it in token-file headers to catch a tokenizer mismatch, so any
+        # change to this recipe makes existing token files look foreign.
         if not hasattr(self, "_identity"):
             spec = self._spec()
             merges = [m.split(" ") if isinstance(m, str) else m for m in spec["model"].get("merges", [])]
@@ -320,10 +325,14 @@ class Tokenizer:
             n = len(fast)
             chunks = [fast[k * n // (4 * nt):(k + 1) * n // (4 * nt)] for k in range(4 * nt)]
             encode = lambda idx: [self._tt.encode(texts[i], allowed_special="all") for i in idx]
-            with ThreadPoolExecutor(nt) as pool:
-                for idx, ids in zip(chunks, pool.map(encode, chunks)):
-                    for i, x in zip(idx, ids):
-                        out[i] = x
+            if nt == 1 or n < 2:
+                results = map(encode, chunks)
+            else:
+                with ThreadPoolExecutor(nt) as pool:
+                    results = list(pool.map(encode, chunks))
+            for idx, ids in zip(chunks, results):
+                for i, x in zip(idx, ids):
+                    out[i] = x
             slow = [i for i in slow if out[i] is None]
         if slow:
             # encode_batch_fast (tokenizers >= 0.20) skips the offsets; the ids are the same
