@@ -24,7 +24,6 @@ import ast
 import codecs
 import glob
 import gzip
-import io
 import json
 import math
 import os

