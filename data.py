@@ -983,14 +983,10 @@ class MixtureLoader:
         if k >= len(self.stages) or key(self.stages[:k + 1]) != key(sd["stages"]):           # it is per rank
             raise DataError(f"cannot resume: stages 0..{k} (done or running at the checkpoint) differ from this "
                             f"loader's; only later stages may change.\ncheckpoint: {sd['stages']}\nnow: {self.stages}")
-        missing = [n for n in self.sources if n not in sd["pos"]]
-        if missing:
-            raise DataError(f"cannot resume: source(s) {missing} are new since the checkpoint; add new sources in a "
-                            f"stage that has not started yet")  # pos would start at 0 anyway; refuse to be explicit
         self._enter_stage(k)
         self.seq, self.tokens_consumed, self.stage_seq = sd["seq"], sd["tokens_consumed"], sd["stage_seq"]
         self._counts = [sd["stage_counts"][self.sources[s]] for s in self._stage_src]
-        self.pos = [sd["pos"][n] for n in self.sources]
+        self.pos = [sd["pos"].get(n, 0) for n in self.sources]  # a source new in a later stage has not been read yet
 
 
 # -----------------------------------------------------------------------------

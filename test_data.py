@@ -148,7 +148,7 @@ def test_resume_equality_across_stages_and_world_sizes(tmp_path):
 
 
 def test_resume_refuses_changed_setup(tmp_path):
-    d = make_dir(tmp_path, {"a": 20000, "b": 20000})
+    d = make_dir(tmp_path, {"a": 20000, "b": 20000, "c": 20000})
     st = [{"start": 0, "weights": {"a": 0.5, "b": 0.5}}]
     l = data.MixtureLoader(d, block_size=16, batch_size=2, stages=st)
     l.next_batch()
@@ -157,6 +157,15 @@ def test_resume_refuses_changed_setup(tmp_path):
         data.MixtureLoader(d, block_size=16, batch_size=2, stages=st, seed=1).load_state_dict(sd)
     with pytest.raises(data.DataError, match="stages"):
         data.MixtureLoader(d, block_size=16, batch_size=2, stages=[{"start": 0, "weights": {"a": 1}}]).load_state_dict(sd)
+    # a stage that has not begun may be added, with a source new to the run: the stream continues unchanged until then
+    l2 = data.MixtureLoader(d, block_size=16, batch_size=2, stages=st + [{"start": 200, "weights": {"c": 1}}])
+    l2.load_state_dict(sd)
+    for _ in range(5):                                          # 32 ... 192 tokens: still stage 0
+        assert all(torch.equal(a, b) for a, b in zip(l.next_batch(), l2.next_batch()))
+    x, _ = l2.next_batch()
+    want = np.empty(17, np.uint16)
+    reference_stream(d, "c", chunk_tokens=8192).read(0, want)  # the new source starts at the start of its stream
+    assert l2.stage == 1 and np.array_equal(x[0].numpy(), want[:-1])
 
 
 def test_epoch_wraparound(tmp_path):
