@@ -509,7 +509,9 @@ def sample_text(step):
     if fsdp:
         raw_model.reshard()
     raw_model.train()
-    return tokenizer.decode(out[0].tolist())
+    # a model may have more rows than the tokenizer has tokens (a padded vocab): ids past it are shown, not decoded
+    return "".join(tokenizer.decode([i]) if i < tokenizer.vocab_size else f"<{i}?>" for i in out[0].tolist()) \
+        if out.max() >= tokenizer.vocab_size else tokenizer.decode(out[0].tolist())
 
 
 def swap_swa():

@@ -1,0 +1,38 @@
+# The quickstart: a small SmolLM2-shaped model on the embedded offline corpus (Python's own library source, its
+# documentation prose and generated worked math problems), in a few minutes on a laptop CPU.
+#   python train.py configs/quickstart.py          # builds data_cache/quickstart first if it is missing (~1 min)
+#   python sample.py --init_from=out/quickstart    # then sample from the result
+out_dir = "out/quickstart"
+data_dir = "data_cache/quickstart"
+data_prepare = "quickstart"        # data.py's embedded corpus, built on first use
+
+# SmolLM2's shape at a toy width: Llama blocks, GQA, SwiGLU, tied embeddings, the real 49152-token tokenizer.
+# At this width the 49152 x 192 output head is ~85% of the FLOPs, so layers are cheap: 6 of them.
+model = "smol135m"
+model_overrides = dict(n_layer=6, n_embd=192, n_head=6, n_kv_head=2, intermediate_size=512, init_std=None)  # std 1/sqrt(192), nanotron's rule
+
+# 8 seqs x 256 tokens x 1 process x 1 accumulation step = 2,048 tokens per step
+block_size = 256
+micro_batch_size = 8
+total_batch_tokens = 2048
+
+# 120 steps x 2,048 tokens = 246k tokens (~5% of the corpus's 4.6M training tokens)
+max_steps = 120
+learning_rate = 5e-3               # higher than SmolLM2-135M's 3e-3: a smaller model and only 120 steps
+min_lr = 0.0
+warmup_steps = 10
+schedule = "wsd"
+decay_frac = 0.3                   # the last 36 steps cool down
+decay_shape = "1-sqrt"             # Hägele et al.: 1-sqrt beats linear
+
+# two stages in the SmolLM2 spirit: mostly prose and code first, the math upsampled for the second half
+stages = [
+    {"start": 0, "weights": {"prose": 0.45, "code": 0.45, "math": 0.10}},
+    {"start": 60 * 2048, "weights": {"prose": 0.35, "code": 0.35, "math": 0.30}},
+]
+
+eval_interval = 20
+eval_batches = 2                   # 2 x 8 x 256 = 4k validation tokens per source
+checkpoint_interval = 1000         # only the final checkpoint
+sample_prompt = "The"
+sample_tokens = 32

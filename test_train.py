@@ -1,0 +1,252 @@
+# train.py end to end on the CPU: every test runs the real script as a subprocess (python train.py / torchrun), on a
+# tiny corpus built by data.py with a 512-token BPE, so a step takes milliseconds and the whole file about two minutes.
+import ast
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import data
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(ROOT, "train.py")
+TIMEOUT = 300
+
+# 4 seqs x 32 tokens = 128 tokens per micro step; 256-token global batch = 2 accumulation steps on 1 process, 1 on 2
+TINY = """
+model = "tiny"
+model_overrides = dict(vocab_size=512)
+block_size = 32
+micro_batch_size = 4
+total_batch_tokens = 256
+max_steps = 24
+learning_rate = 3e-3
+warmup_steps = 3
+decay_frac = 0.5
+decay_shape = "1-sqrt"
+stages = [{{"start": 0, "weights": {{"code": 0.5, "prose": 0.5}}}},
+          {{"start": 10 * 256 + 128, "weights": {{"code": 0.2, "prose": 0.3, "math": 0.5}}}}]
+eval_interval = 8
+eval_batches = 2
+checkpoint_interval = 8
+sample_tokens = 8
+data_dir = {data_dir!r}
+"""
+
+
+def run(args, cwd=ROOT, torchrun=0, check=True, timeout=TIMEOUT):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    p = subprocess.run(launcher + [TRAIN] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def last_train_step(out_dir):
+    # the newest train step in metrics.jsonl while a run is writing it (a half-written last line is skipped)
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return -1
+    steps = [-1]
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in r:
+            steps.append(r["step"])
+    return max(steps)
+
+
+def train_losses(out_dir):
+    return {r["step"]: r["loss"] for r in records(out_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    # three sources named as the quickstart's (code / prose / math), ~100 kB each, from data.py's own generators
+    d = tmp_path_factory.mktemp("tiny_data")
+    raw = d / "raw"
+    raw.mkdir()
+    gens = {"code": data.quickstart_code(max_bytes=120_000), "prose": data.quickstart_prose(max_bytes=60_000),
+            "math": data.quickstart_math(n_docs=300)}
+    for name, gen in gens.items():
+        with open(raw / f"{name}.jsonl", "w") as f:
+            for text, _ in gen:
+                f.write(json.dumps({"text": text}) + "\n")
+    out = str(d / "data")
+    data.prepare(out, {n: str(raw / f"{n}.jsonl") for n in gens}, train_vocab=512, workers=1, val_frac=0.1,
+                 val_tokens=20_000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.py"
+    path.write_text(TINY.format(data_dir=tiny_data))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def base_run(tiny_config, tmp_path_factory):
+    # the uninterrupted single-process reference run that the other runs must reproduce
+    out = str(tmp_path_factory.mktemp("base"))
+    p = run([tiny_config, f"--out_dir={out}"])
+    return out, p.stdout
+
+
+def test_base_run_logs_and_checkpoints(base_run):
+    out, stdout = base_run
+    recs = records(out)
+    train = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(24))
+    assert [r["step"] for r in evals] == [0, 8, 16, 24]
+    assert all(set(r) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mem_gib"} for r in train)
+    assert all({"val_loss/code", "val_loss/prose", "val_loss/math"} <= set(r) for r in evals)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, evals  # it learns
+    # the stage switch: stage 1 starts 128 tokens into step 10's 256, i.e. mid-step (same shape, so allowed)
+    assert "stage 1 begins at step 10" in stdout
+    assert [r["stage"] for r in train] == [0] * 10 + [1] * 14
+    with open(os.path.join(out, "log.txt")) as f:
+        log = f.read()
+    assert "stage 1 begins at step 10" in log and "TRAINING SECTION BEGIN" in log  # log lines and the code itself
+    assert "sample: " in stdout
+    # keep_checkpoints=3 of ckpt_8, 16, 24; `latest` names the last
+    assert sorted(os.listdir(out)) == sorted(["ckpt_8.pt", "ckpt_16.pt", "ckpt_24.pt", "latest", "log.txt",
+                                              "metrics.jsonl", "config.json"])
+    with open(os.path.join(out, "latest")) as f:
+        assert f.read().strip() == "ckpt_24.pt"
+    import torch
+    ck = torch.load(os.path.join(out, "ckpt_24.pt"), map_location="cpu", weights_only=True)
+    assert ck["step"] == 24 and ck["model_config"]["vocab_size"] == 512 and ck["config"]["max_steps"] == 24
+    assert "tok_embeddings.weight" in ck["model"]
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["total_batch_tokens"] == 256
+
+
+def _get_lr_function(**g):
+    # the get_lr of train.py itself, compiled with the given globals
+    tree = ast.parse(open(TRAIN).read())
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "get_lr")
+    ns = {"math": math, **g}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), TRAIN, "exec"), ns)
+    return ns["get_lr"]
+
+
+def test_schedule_values():
+    wsd = dict(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=100, schedule="wsd", decay_frac=0.2)
+    lin = _get_lr_function(**wsd, decay_shape="linear")
+    # warmup: step 0 trains at lr/warmup, step 9 at the peak; stable until the decay window (the last 20 steps)
+    assert lin(0) == pytest.approx(0.1) and lin(4) == pytest.approx(0.5) and lin(9) == pytest.approx(1.0)
+    assert lin(10) == 1.0 and lin(79) == 1.0
+    assert lin(80) == pytest.approx(1.0) and lin(90) == pytest.approx(0.55) and lin(100) == pytest.approx(0.1)
+    sq = _get_lr_function(**wsd, decay_shape="1-sqrt")
+    assert sq(85) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.25))) and sq(100) == pytest.approx(0.1)
+    cs = _get_lr_function(**wsd, decay_shape="cosine")
+    assert cs(90) == pytest.approx(0.55) and cs(85) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+    cos = _get_lr_function(**{**wsd, "schedule": "cosine"}, decay_shape="linear")
+    assert cos(10) == pytest.approx(1.0) and cos(55) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
+    assert cos(32.5) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+
+
+def test_logged_lr_follows_schedule(base_run):
+    out, _ = base_run
+    lr = _get_lr_function(learning_rate=3e-3, min_lr=0.0, warmup_steps=3, max_steps=24, schedule="wsd",
+                          decay_frac=0.5, decay_shape="1-sqrt")
+    for r in records(out):
+        if "loss" in r:
+            assert r["lr"] == pytest.approx(lr(r["step"]), rel=1e-12), r
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one(base_run, tiny_config, tmp_path, fsdp):
+    # same global batch: 2 ranks x 1 micro step vs 1 rank x 2 micro steps; the logged loss is the global-batch mean
+    out = str(tmp_path / "dp")
+    run([tiny_config, f"--out_dir={out}", f"--fsdp={fsdp}"], torchrun=2)
+    one, two = train_losses(base_run[0]), train_losses(out)
+    assert sorted(one) == sorted(two)
+    for s in one:
+        assert two[s] == pytest.approx(one[s], rel=1e-4), (s, one[s], two[s])
+
+
+def test_sigterm_then_resume_is_bitwise(base_run, tiny_config, tmp_path):
+    out = str(tmp_path / "pre")
+    os.makedirs(out)
+    p = subprocess.Popen([sys.executable, TRAIN, tiny_config, f"--out_dir={out}", "--checkpoint_interval=1000"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while time.time() - t0 < TIMEOUT:  # wait for train step 5 (an arbitrary step between checkpoints)
+        if last_train_step(out) >= 5:
+            break
+        assert p.poll() is None, p.communicate()[0]
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, stdout
+    assert "stopped by a signal at step" in stdout
+    ckpts = [f for f in os.listdir(out) if f.startswith("ckpt_")]
+    assert len(ckpts) == 1, ckpts
+    stopped = int(ckpts[0][5:-3])
+    assert 6 <= stopped < 24, stopped  # not the end: the resume below has work to do
+    run([tiny_config, f"--out_dir={out}", "--checkpoint_interval=1000", "--init_from=resume"])
+    ref, got = records(base_run[0]), records(out)
+    assert [(r["step"], r["loss"]) for r in ref if "loss" in r] == [(r["step"], r["loss"]) for r in got if "loss" in r]
+    assert [(r["step"], r["val_loss"]) for r in ref if "val_loss" in r] == \
+        [(r["step"], r["val_loss"]) for r in got if "val_loss" in r]
+
+
+def test_quickstart_shortened(tiny_data, tmp_path):
+    # the README's job, shortened: configs/quickstart.py (its model, stages, schedule) for 4 steps of a quarter of its
+    # batch, on the tiny corpus instead of the embedded one (which takes a minute to build)
+    out = str(tmp_path / "qs")
+    p = run(["configs/quickstart.py", f"--out_dir={out}", f"--data_dir={tiny_data}", "--data_prepare=''",
+             "--max_steps=4", "--eval_interval=2", "--eval_batches=1", "--micro_batch_size=2", "--total_batch_tokens=512"])
+    evals = [r for r in records(out) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert "sample: " in p.stdout.splitlines()[-2]  # the run ends with a sample, then the final checkpoint
+    assert os.path.exists(os.path.join(out, "ckpt_4.pt"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--learnig_rate=1e-3"], "did you mean 'learning_rate'"),
+    (["--max_steps=1.5"], "max_steps must be int"),
+    (["--compile=1"], "compile must be bool"),
+    (["--triton_rope='yes'"], "triton_rope must be None (auto), True or False"),
+    (["--schedule=linear"], "schedule='linear' is not one of"),
+    (["--max_steps"], "--key=value"),
+])
+def test_bad_keys_and_types(args, message, tmp_path):
+    p = run(args + [f"--out_dir={tmp_path}"], check=False)
+    assert p.returncode != 0 and message in p.stderr, p.stderr
+
+
+def test_bad_key_inside_config_file(tmp_path):
+    cfg = tmp_path / "bad.py"
+    cfg.write_text("max_steps = 10\nwarmup_step = 5\n")
+    p = run([str(cfg), f"--out_dir={tmp_path}"], check=False)
+    assert p.returncode != 0 and "warmup_step" in p.stderr and "did you mean 'warmup_steps'" in p.stderr, p.stderr
+
+
+def test_nonfinite_losses_stop_the_run(tiny_config, tmp_path):
+    # an absurd LR blows the weights up to inf within two steps; the steps are skipped, counted, then the run stops
+    out = str(tmp_path / "nan")
+    p = run([tiny_config, f"--out_dir={out}", "--learning_rate=1e30", "--warmup_steps=1", "--max_nonfinite_steps=3",
+             "--eval_interval=1000"], check=False)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "non-finite losses in a row" in p.stdout
+    skipped = [r for r in records(out) if r.get("skipped")]
+    assert len(skipped) == 3 and all(r["loss"] is None for r in skipped)
