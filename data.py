@@ -178,26 +178,33 @@ def resolve_files(spec):
 
 
 def _read_jsonl(path, field):
+    # yields the raw lines: the JSON is parsed in the worker processes (_doc_text), so one reader keeps up with many
     with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
         raw = f.fileobj if isinstance(f, gzip.GzipFile) else f  # progress in bytes of the file on disk
         last = 0
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e}); .jsonl needs one JSON object per line") from None
-            if not isinstance(obj, dict) or field not in obj:
-                keys = sorted(obj)[:20] if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"{path}:{lineno}: missing text field '{field}' (found: {keys}). Pass the right "
-                                f"name with --text_field NAME")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: field '{field}' is {type(text).__name__}, not a string")
             pos = raw.tell()
-            yield text, pos - last
-            last = pos
+            if line.strip():
+                yield (line, path, lineno, field), pos - last
+                last = pos
+
+
+def _doc_text(doc):  # a document is its text, or a .jsonl line still to parse: (line, path, lineno, field)
+    if isinstance(doc, str):
+        return doc
+    line, path, lineno, field = doc
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({e}); .jsonl needs one JSON object per line") from None
+    if not isinstance(obj, dict) or field not in obj:
+        keys = sorted(obj)[:20] if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(f"{path}:{lineno}: missing text field '{field}' (found: {keys}). Pass the right name with "
+                        f"--text_field NAME")
+    text = obj[field]
+    if not isinstance(text, str):
+        raise DataError(f"{path}:{lineno}: field '{field}' is {type(text).__name__}, not a string")
+    return text
 
 
 def _read_parquet(path, field):
@@ -279,7 +286,8 @@ def _init_worker(tok, tok_path, threads):
     _worker_eos, _worker_threads = _worker_tok.token_to_id(EOT), threads
 
 
-def _encode_docs(texts):
+def _encode_docs(docs):
+    texts = [t for t in map(_doc_text, docs) if t.strip()]  # empty documents are dropped
     ids = _worker_tok.encode_batch(texts, num_threads=_worker_threads)
     lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     flat = np.empty(int(lens.sum()), dtype=np.int64)
@@ -294,12 +302,10 @@ def _encode_docs(texts):
 
 def _batches(docs, max_chars=1 << 20, max_docs=1024):  # ~1 MB of text per task: big enough to amortise IPC
     batch, chars, nbytes = [], 0, 0.0
-    for text, b in docs:
+    for doc, b in docs:
         nbytes += b
-        if not text.strip():
-            continue
-        batch.append(text)
-        chars += len(text)
+        batch.append(doc)
+        chars += len(doc) if isinstance(doc, str) else len(doc[0])
         if chars >= max_chars or len(batch) >= max_docs:
             yield batch, nbytes
             batch, chars, nbytes = [], 0, 0.0
@@ -446,8 +452,8 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
 
     def all_docs():
         for fs, _ in files.values():
-            for text, _ in iter_documents(fs, text_field):
-                yield text
+            for doc, _ in iter_documents(fs, text_field):
+                yield _doc_text(doc)
     tok, tok_path = _setup_tokenizer(out_dir, tokenizer, train_vocab, all_docs, replacing=set(sources))
     workers = workers or os.cpu_count() or 1
     metas = {}
