@@ -732,15 +732,18 @@ class _Source:
     documents (~chunk_tokens each), in a permutation seeded by (seed, source, e). Positions in this stream are token
     counts, independent of the block size, so a stage that changes T carries the read position over exactly, and
     chunk edges fall on <|endoftext|>, so a window that spans two chunks looks like any packed window."""
+    MAX_CHUNKS = 1 << 20
 
     def __init__(self, data_dir, name, seed, chunk_tokens):
         self.name = name
         self.tokens = _open_tokens(os.path.join(data_dir, name, "train.bin"))
         self.n = len(self.tokens)
-        doc_starts = _open_tokens(os.path.join(data_dir, name, "train.idx"))[:-1].astype(np.int64)
-        # chunk k starts at the first document boundary at or after k * chunk_tokens (long documents stay whole)
-        cuts = np.unique(doc_starts[np.minimum(np.searchsorted(doc_starts, np.arange(0, self.n, chunk_tokens)),
-                                               len(doc_starts) - 1)])
+        doc_starts = _open_tokens(os.path.join(data_dir, name, "train.idx"))[:-1]  # uint64 memmap, never loaded whole
+        # chunk k starts at the first document boundary at or after k * step (long documents stay whole). At most
+        # MAX_CHUNKS chunks, so a trillion-token source keeps its per-epoch tables small (~16 MB) with coarser chunks.
+        step = max(chunk_tokens, -(-self.n // self.MAX_CHUNKS))
+        k = np.searchsorted(doc_starts, np.arange(0, self.n, step, dtype=np.uint64))
+        cuts = np.unique(doc_starts[np.minimum(k, len(doc_starts) - 1)].astype(np.int64))
         self.chunk_start = cuts
         self.chunk_len = np.diff(np.append(cuts, self.n))
         self.seed_key = (seed, zlib.crc32(name.encode()))

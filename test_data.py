@@ -185,6 +185,9 @@ def test_epoch_wraparound(tmp_path):
     assert not np.array_equal(e0, e1)                          # ... in a new order
     ep = l.epochs()
     assert 2.5 <= ep["a"] < 2.6 and 0.3 < ep["b"] < 0.5
+    src = l._src[0]                                             # chunks: whole documents, ~chunk_tokens each
+    starts = set(data._open_tokens(os.path.join(d, "a", "train.idx"))[:-1].tolist())
+    assert set(src.chunk_start.tolist()) <= starts and src.chunk_len.sum() == 3000 and len(src.chunk_start) >= 8
 
 
 def test_val_batches_fixed_and_rank_disjoint(tmp_path):
