@@ -719,6 +719,25 @@ def check_data_dir(data_dir, names=None):
     return metas
 
 
+def check_tokens(data_dir):
+    """check_data_dir, plus a scan of every token id against the vocabulary; prints one line per source."""
+    metas = check_data_dir(data_dir)
+    if not metas:
+        raise DataError(f"{data_dir}: no prepared sources in it")
+    for n, m in metas.items():
+        for split in ("train", "val"):
+            toks = _open_tokens(os.path.join(data_dir, n, f"{split}.bin"))
+            for a in range(0, len(toks), 1 << 26):  # 128 MB at a time
+                top = int(toks[a:a + (1 << 26)].max(initial=0))
+                if top >= m["vocab_size"]:
+                    raise DataError(f"{data_dir}/{n}/{split}.bin: token id {top} >= vocabulary {m['vocab_size']}: "
+                                    f"corrupt" + _hint(m.get("command")))
+        print(f"{n:>16s}: {m['n_tokens']:>15,} train tokens in {m['n_docs']:>12,} documents, {m['val_tokens']:,} val "
+              f"tokens, {m.get('bytes_per_token', 0):.2f} bytes/token, tokenizer {m['tokenizer']}")
+    print(f"{data_dir}: {len(metas)} sources OK")
+    return metas
+
+
 def _open_tokens(path):
     hd = read_header(path)
     # a plain ndarray view of the memmap: slicing it is several times cheaper than slicing np.memmap
@@ -1014,8 +1033,12 @@ def main(argv=None):
     p.add_argument("--val_tokens", type=int, default=1_048_576, help="... until val holds this many tokens")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: all cores)")
     p.add_argument("--preset", choices=["quickstart"], help="build an embedded corpus instead")
+    p.add_argument("--check", metavar="DIR", help="verify a data directory (headers, sizes, every token id) instead")
     a = p.parse_args(argv)
     try:
+        if a.check:
+            check_tokens(a.check)
+            return 0
         if a.preset:
             prepare_preset(a.preset, a.out, workers=a.workers or None)
             return 0

@@ -464,6 +464,12 @@ def test_cli_and_tokenizer_conflicts(tmp_path):
     assert open(os.path.join(out, "tokenizer.json")).read() == before
     data.prepare(out, {"js": str(tmp_path / "a.jsonl")}, train_vocab=280, workers=1)  # re-preparing all of it is fine
     assert data.MixtureLoader(out, 8, 2).vocab_size == 280
+    data.check_tokens(out)
+    with open(os.path.join(out, "js", "train.bin"), "r+b") as f:  # a flipped token: headers and sizes still agree
+        f.seek(data.HEADER_BYTES + 10)
+        f.write(np.uint16(60000).tobytes())
+    with pytest.raises(data.DataError, match="token id 60000 >= vocabulary 280"):
+        data.check_tokens(out)
 
 
 @pytest.mark.parametrize("weights", [[0.9, 0.1], [0.75, 0.2, 0.05], [1, 2, 3, 4, 5, 6, 7], [0.123457, 0.5, 0.376543]])
