@@ -9,6 +9,7 @@ Prepare (streams the corpus to disk in parallel over all cores; one sub-director
         --source web=/data/fineweb/*.parquet --source code=/data/stack/ --source math=/data/owm.jsonl.gz
     python data.py --out data_cache/mix --train_tokenizer 16384 --source ...   # a new byte-level BPE, SmolLM-style
     python data.py --preset quickstart                                            # offline corpus, ~1-2 min
+    python data.py --check data_cache/mix               # verify headers, sizes and every token id; a line per source
 Load:
     loader = MixtureLoader("data_cache/mix", block_size=2048, batch_size=16, stages=stages, rank=r, world_size=W)
     x, y = loader.next_batch()    # int64 (B, T); y is x shifted by one token
