@@ -129,7 +129,8 @@ class _Writer:
                 os.remove(self.stem + suffix)
 
 # -----------------------------------------------------------------------------
-# reading sources: each reader yields (text, bytes of input consumed) so the progress bar tracks input size
+# reading sources: each reader yields (document, bytes of input consumed), the bytes for the progress bar. A document
+# is its text, or for .jsonl the raw line, parsed by the worker that tokenizes it (_doc_text)
 
 
 def _file_kind(path):
@@ -500,7 +501,10 @@ def quickstart_code(max_bytes=5_000_000):
 def quickstart_prose(max_bytes=3_000_000):
     """English prose: the language reference topics pydoc ships, the license, the Zen, and the docstrings of the standard
     library (one document per module: its docstring, then each class and function with its docstring)."""
-    from pydoc_data.topics import topics
+    try:
+        from pydoc_data.topics import topics  # some Linux distributions split it off; the docstrings still follow
+    except ImportError:
+        topics = {}
     for k in sorted(topics):
         yield topics[k].strip(), len(topics[k])
     lic = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
@@ -521,7 +525,8 @@ def quickstart_prose(max_bytes=3_000_000):
             continue
         mod = os.path.relpath(p, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
         if mod == "this":  # the Zen of Python, stored rot13-encoded
-            s = next((n.value.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "s"), "")
+            s = next((n.value.value for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
+                      and n.targets[0].id == "s"), "")
             yield codecs.decode(s, "rot13"), len(s)
             continue
         parts = []
