@@ -35,6 +35,8 @@ eval_interval = 8
 eval_batches = 2
 checkpoint_interval = 8
 sample_tokens = 8
+swa = True
+swa_window = 4
 data_dir = {data_dir!r}
 """
 
@@ -116,6 +118,8 @@ def test_base_run_logs_and_checkpoints(base_run):
     assert [r["step"] for r in evals] == [0, 8, 16, 24]
     assert all(set(r) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mem_gib"} for r in train)
     assert all({"val_loss/code", "val_loss/prose", "val_loss/math"} <= set(r) for r in evals)
+    # windowed weight averaging: evaluated beside the raw weights once a 4-step window has closed
+    assert "swa_val_loss" not in evals[0] and all(math.isfinite(r["swa_val_loss"]) for r in evals[1:])
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, evals  # it learns
     # the stage switch: stage 1 starts 128 tokens into step 10's 256, i.e. mid-step (same shape, so allowed)
     assert "stage 1 begins at step 10" in stdout
@@ -204,8 +208,21 @@ def test_sigterm_then_resume_is_bitwise(base_run, tiny_config, tmp_path):
     run([tiny_config, f"--out_dir={out}", "--checkpoint_interval=1000", "--init_from=resume"])
     ref, got = records(base_run[0]), records(out)
     assert [(r["step"], r["loss"]) for r in ref if "loss" in r] == [(r["step"], r["loss"]) for r in got if "loss" in r]
-    assert [(r["step"], r["val_loss"]) for r in ref if "val_loss" in r] == \
-        [(r["step"], r["val_loss"]) for r in got if "val_loss" in r]
+    assert [(r["step"], r["val_loss"], r.get("swa_val_loss")) for r in ref if "val_loss" in r] == \
+        [(r["step"], r["val_loss"], r.get("swa_val_loss")) for r in got if "val_loss" in r]
+
+
+def test_init_from_checkpoint_file(base_run, tiny_config, tmp_path):
+    # continued pretraining from a ckpt_*.pt: its weights (the step-0 eval equals the source run's final one), a fresh
+    # optimizer and schedule from step 0
+    out = str(tmp_path / "cont")
+    p = run([tiny_config, f"--out_dir={out}", f"--init_from={os.path.join(base_run[0], 'ckpt_24.pt')}",
+             "--max_steps=2", "--swa=False"])
+    assert "weights only, a fresh optimizer at step 0" in p.stdout
+    final = [r for r in records(base_run[0]) if "val_loss" in r][-1]
+    first = [r for r in records(out) if "val_loss" in r][0]
+    assert first["step"] == 0 and first["val_loss"] == final["val_loss"]
+    assert [r["step"] for r in records(out) if "loss" in r] == [0, 1]
 
 
 def test_quickstart_shortened(tiny_data, tmp_path):

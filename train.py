@@ -297,7 +297,7 @@ apply_stage(current_stage)
 # wrap: torch.compile, then DDP (replicas, gradients all-reduced in backward) or FSDP2 (sharded per block)
 model = raw_model
 if fsdp:
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
     for layer in raw_model.layers:
         fully_shard(layer)  # each block's weights are gathered just in time for its forward and backward
     fully_shard(raw_model)  # the root holds the embedding (tied to the output head) and the final norm
@@ -313,6 +313,11 @@ if ddp and not fsdp:
 # optimizer and schedule
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), adam_eps, device_type,
                                            decay_all=decay_all_params)
+if device_type == "cpu" and not optimizer.defaults.get("fused"):
+    # fused AdamW runs on CPUs too (torch >= 2.4): one pass per tensor instead of ~10 foreach passes, 5-8x less optimizer
+    # time (1.67 -> 0.2-0.3 s/step for the quickstart model, whose 49152-row embedding is 80% of its weights)
+    optimizer = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups],
+                                  lr=learning_rate, betas=(beta1, beta2), eps=adam_eps, fused=True)
 
 
 def get_lr(step):
@@ -502,12 +507,14 @@ def sample_text(step):
     idx = torch.tensor([tokenizer.encode(sample_prompt)], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed + step)
     raw_model.eval()
-    if fsdp:
-        raw_model.unshard()  # generate() calls the root's modules directly, so gather its weights (embedding/head)
+    # FSDP: generate() calls submodules directly (and may copy weights), so gather every shard for its duration
+    sharded = [m for m in raw_model.modules() if isinstance(m, FSDPModule)] if fsdp else []
+    for m in sharded:
+        m.unshard()
     with autocast:
         out = raw_model.generate(idx, sample_tokens, temperature=0.8, top_k=50, stop_tokens=(tokenizer.eos_id,), generator=gen)
-    if fsdp:
-        raw_model.reshard()
+    for m in sharded:
+        m.reshard()
     raw_model.train()
     # a model may have more rows than the tokenizer has tokens (a padded vocab): ids past it are shown, not decoded
     return "".join(tokenizer.decode([i]) if i < tokenizer.vocab_size else f"<{i}?>" for i in out[0].tolist()) \
