@@ -273,7 +273,8 @@ elif init_from != "scratch":
 else:
     if model_name not in PRESETS:
         raise SystemExit(f"model={model_name!r} is not a preset; choose one of {list(PRESETS)}")
-    raw_model = GPT(GPTConfig(**{**PRESETS[model_name], "block_size": block_size, **model_overrides, **kernels_cfg}))
+    with torch.device(device):  # initialise on the GPU directly: seconds instead of a minute of CPU init for 1.7B
+        raw_model = GPT(GPTConfig(**{**PRESETS[model_name], "block_size": block_size, **model_overrides, **kernels_cfg}))
 if raw_model.config.vocab_size < loader.vocab_size:
     raise SystemExit(f"the model's vocab_size={raw_model.config.vocab_size} is smaller than the data's tokenizer "
                      f"({loader.vocab_size}): set model_overrides=dict(vocab_size=...) or rebuild the data")
