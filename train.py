@@ -442,7 +442,10 @@ if master_process and start_step > 0 and os.path.exists(metrics_path):
         f.writelines(json.dumps(r) + "\n" for r in keep)
 wandb_run = None
 if wandb_log and master_process:
-    import wandb
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)")
     wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=config)
 
 

@@ -1,7 +1,7 @@
 # The quickstart: a small SmolLM2-shaped model on the embedded offline corpus (Python's own library source, its
 # documentation prose and generated worked math problems), in ~5 minutes on 2 CPU cores: validation loss 11.3 -> 5.2
 # (measured on this project's 2-core EPYC: 5:44 wall with the corpus build, BENCHMARKS_train.md).
-#   python train.py configs/quickstart.py          # builds data_cache/quickstart first if it is missing (~1 min)
+#   python train.py configs/quickstart.py          # builds data_cache/quickstart first if it is missing (~10 s)
 #   python sample.py --init_from=out/quickstart    # then sample from the result
 out_dir = "out/quickstart"
 data_dir = "data_cache/quickstart"
