@@ -314,11 +314,6 @@ if ddp and not fsdp:
 # optimizer and schedule
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), adam_eps, device_type,
                                            decay_all=decay_all_params)
-if device_type == "cpu" and not optimizer.defaults.get("fused"):
-    # fused AdamW runs on CPUs too (torch >= 2.4): one pass per tensor instead of ~10 foreach passes, 5-8x less optimizer
-    # time (1.67 -> 0.2-0.3 s/step for the quickstart model, whose 49152-row embedding is 80% of its weights)
-    optimizer = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups],
-                                  lr=learning_rate, betas=(beta1, beta2), eps=adam_eps, fused=True)
 
 
 def get_lr(step):
