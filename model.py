@@ -317,16 +317,28 @@ class GPT(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
                                                w.dtype, w.device)
-        if w.device.type == "cpu":  # see linear(): transposed weight copies, for this generation only
+        if w.device.type == "cpu":  # see linear(): transposed weight copies, used by generation only
             for m in self.modules():
                 if isinstance(m, nn.Linear):
-                    m.weight_t = m.weight.detach().t().contiguous()
+                    # kept between generations (a chat turn would pay ~0.4 s to rebuild them for the 135M model) while
+                    # the weight's storage and version counter show it unchanged: any in-place update (an optimizer
+                    # step, load_state_dict) bumps the version and forces a fresh copy
+                    key = (m.weight.data_ptr(), m.weight._version)
+                    if m.__dict__.get("_decode_wt", (None,))[0] != key:
+                        m._decode_wt = (key, m.weight.detach().t().contiguous())
+                    m.weight_t = m._decode_wt[1]
 
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.kv_cache = None
         for m in self.modules():
-            m.__dict__.pop("weight_t", None)
+            m.__dict__.pop("weight_t", None)  # plain forwards always use the module's own weight
+
+    def train(self, mode: bool = True):
+        if mode:  # training changes the weights: drop generation's transposed copies (the model's size again in memory)
+            for m in self.modules():
+                m.__dict__.pop("_decode_wt", None)
+        return super().train(mode)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),

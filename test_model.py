@@ -283,3 +283,22 @@ def test_bad_checkpoints_name_the_problem(smol, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model_type='gpt2'"):
         GPT.from_pretrained(str(tmp_path))
+
+
+def test_generation_weight_copies_follow_weight_updates():
+    # CPU generation streams transposed copies of the projections (model.linear), kept between calls: an in-place
+    # weight update must invalidate them, and plain forwards must never use them
+    model = tiny().eval()
+    prompt = torch.randint(0, 512, (1, 5))
+    first = model.generate(prompt, 12, temperature=0)
+    assert model.layers[0].feed_forward.w13.__dict__.get("weight_t") is None  # dropped after generation
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)  # in place: same storage, new version
+    again = model.generate(prompt, 12, temperature=0)
+    ref = prompt
+    for _ in range(12):
+        ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(again, ref) and not torch.equal(again, first)
+    model.train()
+    assert "_decode_wt" not in model.layers[0].attention.wqkv.__dict__
