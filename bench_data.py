@@ -1,5 +1,5 @@
 """
-Benchmarks for data.py (results go to BENCHMARKS_data.md):
+Benchmarks for data.py (results go to BENCHMARKS.md):
   1. MixtureLoader.next_batch throughput from one process (tokens/s; the goal is >= 20M tokens/s at block 1024,
      batch 16, so the loader never starves a GPU), on synthetic token files of 3 sources.
   2. Tokenizing throughput per core (MB of UTF-8 text per second, one thread) on real text (the Python standard library's

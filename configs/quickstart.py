@@ -1,6 +1,6 @@
 # The quickstart: a small SmolLM2-shaped model on the embedded offline corpus (Python's own library source, its
 # documentation prose and generated worked math problems), in ~5 minutes on 2 CPU cores: validation loss 11.3 -> 5.2
-# (measured on this project's 2-core EPYC: 5:44 wall with the corpus build, BENCHMARKS_train.md).
+# (measured on this project's 2-core EPYC: 5:44 wall with the corpus build, BENCHMARKS.md).
 #   python train.py configs/quickstart.py          # builds data_cache/quickstart first if it is missing (~10 s)
 #   python sample.py --init_from=out/quickstart    # then sample from the result
 out_dir = "out/quickstart"
@@ -19,7 +19,7 @@ total_batch_tokens = 2048
 
 # 120 steps x 2,048 tokens = 246k tokens (~9% of the corpus's 2.8M training tokens)
 max_steps = 120
-learning_rate = 2e-3               # 60-step sweeps: 5e-3 -> val 6.30, 2.5e-3 -> 6.17, 1.5e-3 -> 6.16 (BENCHMARKS_train.md)
+learning_rate = 2e-3               # 60-step sweeps: 5e-3 -> val 6.30, 2.5e-3 -> 6.17, 1.5e-3 -> 6.16 (BENCHMARKS.md)
 min_lr = 0.0
 warmup_steps = 10
 schedule = "wsd"

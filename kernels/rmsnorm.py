@@ -59,7 +59,7 @@ def _rms_norm_backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, ro
 
 # Tile shapes. Rows are padded to a power of two (576 -> 1024 columns, masked); BLOCK_M rows are stacked until a tile
 # holds TILE_ELEMS elements (8 rows of 1024 for hidden 576/960, 4 of 2048); the backward runs BWD_PROGRAMS_PER_SM
-# programs per SM. Not yet tuned on a GPU: owed, see BENCHMARKS_kernels.md. Under the interpreter the tiles are
+# programs per SM. Not yet tuned on a GPU: owed, see BENCHMARKS.md (Kernels). Under the interpreter the tiles are
 # smaller so that the tests cross row-tile and program boundaries.
 TILE_ELEMS = 8192
 BWD_PROGRAMS_PER_SM = 4
