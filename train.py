@@ -13,12 +13,10 @@ optimises the same objective. SIGTERM/SIGINT save a checkpoint and exit (preempt
 code and config of the run, then every log line), metrics.jsonl, config.json and ckpt_<step>.pt files.
 Recipe: ../shared/REFERENCE.md §3-§6 (SmolLM2 nanotron configs; WSD and weight averaging from Hägele et al. 2024).
 """
-import glob
 import json
 import math
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -173,25 +171,7 @@ from model import GPT, GPTConfig, PRESETS  # noqa: E402
 # -----------------------------------------------------------------------------
 # checkpoints: find the one to resume from before anything else, since it carries the model shape and the step
 
-_CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
-
-
-def list_checkpoints(d):
-    # [(step, path)] oldest first; only complete files (temporary files end in .tmp)
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(d, "ckpt_*.pt")) if (m := _CKPT_RE.search(p))]
-    return sorted(found)
-
-
-def latest_checkpoint(d):
-    # out_dir/latest names the newest checkpoint (rewritten atomically after each save); else the highest step
-    pointer = os.path.join(d, "latest")
-    if os.path.exists(pointer):
-        with open(pointer) as f:
-            name = f.read().strip()
-        if os.path.exists(os.path.join(d, name)):
-            return os.path.join(d, name)
-    found = list_checkpoints(d)
-    return found[-1][1] if found else None
+from checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402 (shared with sample.py)
 
 
 ckpt = None
