@@ -285,20 +285,57 @@ def test_bad_checkpoints_name_the_problem(smol, tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
-def test_generation_weight_copies_follow_weight_updates():
-    # CPU generation streams transposed copies of the projections (model.linear), kept between calls: an in-place
-    # weight update must invalidate them, and plain forwards must never use them
+def test_generation_prepared_weights_follow_weight_updates():
+    # CPU generation streams prepared copies of the weights (transposed, norm gains folded in), kept between calls: an
+    # in-place weight update must invalidate them, and train() must drop them
     model = tiny().eval()
     prompt = torch.randint(0, 512, (1, 5))
     first = model.generate(prompt, 12, temperature=0)
-    assert model.layers[0].feed_forward.w13.__dict__.get("weight_t") is None  # dropped after generation
+    prepared = model._decode_cache[1]
+    model.generate(prompt, 12, temperature=0)
+    assert model._decode_cache[1] is prepared  # unchanged weights: reused
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(-1.5)  # in place: same storage, new version
     again = model.generate(prompt, 12, temperature=0)
+    assert model._decode_cache[1] is not prepared
     ref = prompt
     for _ in range(12):
         ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(again, ref) and not torch.equal(again, first)
     model.train()
-    assert "_decode_wt" not in model.layers[0].attention.wqkv.__dict__
+    assert model._decode_cache is None
+
+
+@pytest.mark.parametrize("dtype,n_embd", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 96)])
+def test_fast_decode_step_matches_module_path(dtype, n_embd):
+    # _decode_step (CPU generation) against Block.forward with the cache, teacher-forced on the same tokens: logits
+    # at every step, and the cache contents they leave behind. head_dim 16, and 24 (a scale that is no power of two)
+    torch.manual_seed(0)
+    fast = tiny(n_embd=n_embd).to(dtype).eval()
+    slow = tiny(n_embd=n_embd).to(dtype).eval()
+    slow.load_state_dict(fast.state_dict())
+    with torch.no_grad():  # non-trivial norm gains, so folding them into the weights is exercised
+        for m in (fast, slow):
+            for name, p in m.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(torch.linspace(0.5, 1.5, p.numel()))
+    tokens = torch.randint(0, 512, (2, 40))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    with torch.inference_mode():
+        weights = fast._decode_weights()
+        for m in (fast, slow):
+            m.setup_cache(2, 40)
+            m.hidden_states(tokens[:, :6], pos=0)
+        for pos in range(6, 40):
+            cos, sin = fast.rope_cos[pos], fast.rope_sin[pos]
+            a = fast._decode_step(tokens[:, pos], pos, weights, torch.stack((cos, cos)), torch.stack((-sin, sin)))
+            b = slow.output(slow.hidden_states(tokens[:, pos:pos + 1], pos=pos)[:, -1])
+            assert a.shape == b.shape == (2, 512) and a.dtype == b.dtype == dtype
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+        for lf, ls in zip(fast.layers, slow.layers):
+            torch.testing.assert_close(lf.attention.kv_cache.k.float(), ls.attention.kv_cache.k.float(), **tol)
+            torch.testing.assert_close(lf.attention.kv_cache.v.float(), ls.attention.kv_cache.v.float(), **tol)
+    if dtype == torch.float32:  # and whole generations, through generate_stream, agree token for token
+        slow.fast_decode = False
+        assert torch.equal(fast.generate(tokens[:, :6], 20, temperature=0), slow.generate(tokens[:, :6], 20, temperature=0))
