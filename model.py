@@ -356,13 +356,15 @@ class GPT(nn.Module):
         self._decode_cache = (key, weights)  # a plain attribute: never saved, moved or counted as a parameter
         return weights
 
-    def _decode_step(self, tok, pos: int, weights, cos2, sin2):
-        # One new token per row through the prepared weights, with the KV cache: Block.forward's math in ~20 ops per
-        # layer instead of ~70 (each costs 5-10 us in eager mode: 12 -> 8 ms per token for the 135M model on the CPU).
-        # tok (B,) -> logits (B, vocab). cos2 = [cos, cos], sin2 = [-sin, sin] at pos, each (2, D/2).
+    def _decode_step(self, tok, pos: int, weights):
+        # One new token per row through the prepared weights (_decode_weights), with the KV cache: Block.forward's math
+        # in ~20 ops per layer instead of ~70 (each costs 5-10 us in eager mode: 12 -> 8 ms per token for the 135M model
+        # on the CPU). tok (B,) -> logits (B, vocab).
         cfg = self.config
         H, Hkv, D, I = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.intermediate_size
         layers, head = weights
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (D/2,): the same rotation for every layer
+        cos2, sin2 = torch.stack((cos, cos)), torch.stack((-sin, sin))  # (2, D/2), against each head's two halves
         x = self.tok_embeddings.weight[tok]  # (B, C)
         B, dtype = x.shape[0], x.dtype
         for (wqkv, wo, w13, w2), block in zip(layers, self.layers):
@@ -397,8 +399,6 @@ class GPT(nn.Module):
         fast = self.fast_decode and idx.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
         if fast:
             weights = self._decode_weights()
-            cos, sin = self.rope_cos[:max_len], self.rope_sin[:max_len]
-            cos2, sin2 = torch.stack((cos, cos), 1), torch.stack((-sin, sin), 1)  # (max_len, 2, D/2)
         else:
             self._decode_cache = None  # e.g. moved to a GPU since: free the CPU copies
         self.setup_cache(B, max_len)
@@ -413,7 +413,7 @@ class GPT(nn.Module):
                     return
                 last = nxt
                 if fast:
-                    logits = self._decode_step(nxt, pos, weights, cos2[pos], sin2[pos])
+                    logits = self._decode_step(nxt, pos, weights)
                 else:
                     logits = self.output(self.hidden_states(nxt[:, None], pos=pos)[:, -1])
         finally:
