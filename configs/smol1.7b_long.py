@@ -1,7 +1,7 @@
 # SmolLM2-1.7B long-context extension: 2k -> 8k context with rope_theta 130000 (REFERENCE.md §3, paper §4.6).
 # Branched from the stage-4 run ~75B tokens before its end and trained on those last 75B tokens at 8k instead.
 #   data:   the sources of configs/smol1.7b.py's stage 4 plus the long-document ones, e.g.
-#           python data.py --out data_cache/smol --tokenizer $SMOLLM2_TOKENIZER --source dclm-long=/data/dclm-long \
+#           python prepare.py --out data_cache/smol --tokenizer $SMOLLM2_TOKENIZER --source dclm-long=/data/dclm-long \
 #               --source fineweb-edu-long=/data/fineweb-edu-long --source dolma-books=/data/dolma-books
 #   launch: torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
 #               --rdzv_endpoint=$HEAD_NODE:29500 train.py configs/smol1.7b_long.py \

@@ -1,5 +1,5 @@
 # SmolLM2-360M pretraining (REFERENCE.md §3: the nanotron config_smollm2_360M.yaml recipe), ~4T tokens.
-#   data:   python data.py --out data_cache/smol --tokenizer $SMOLLM2_TOKENIZER \
+#   data:   python prepare.py --out data_cache/smol --tokenizer $SMOLLM2_TOKENIZER \
 #               --source fineweb-edu=/data/fineweb-edu --source dclm=/data/dclm --source stack-edu=/data/stack-edu ...
 #           ($SMOLLM2_TOKENIZER: a tokenizer.json, HF directory or .gguf; one --source NAME=PATH per name in `stages`: fineweb-edu, dclm, stack-edu, infimm-webmath, finemath, cosmopedia-v2)
 #   launch: torchrun --nnodes=6 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \

