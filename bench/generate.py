@@ -3,7 +3,7 @@ Cross-check and benchmark nanosmol against Hugging Face transformers on the real
 
 transformers is not a nanosmol dependency: run this from a scratch environment that has it, e.g.
     python -m venv --system-site-packages /tmp/hfvenv && /tmp/hfvenv/bin/pip install transformers
-    /tmp/hfvenv/bin/python bench_generate.py [--threads=2] [--new_tokens=256] [--repeats=3]
+    /tmp/hfvenv/bin/python bench/generate.py [--threads=2] [--new_tokens=256] [--repeats=3]
 
 1) exports the GGUF weights with save_pretrained, loads that directory with transformers
    (AutoModelForCausalLM, unmodified) and compares fp32 logits on a batch of prompts (max abs difference), in the transformers 4.x and 5.x
@@ -19,8 +19,9 @@ import time
 
 import torch
 
-from checkpoint import smollm2_gguf_path
-from model import GPT
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, not bench/ (run from the root)
+from checkpoint import smollm2_gguf_path  # noqa: E402
+from model import GPT  # noqa: E402
 
 args = dict(threads=2, new_tokens=256, repeats=3)
 for a in sys.argv[1:]:

@@ -1,10 +1,10 @@
 """
 Benchmark of kernels/ against the alternatives, on SmolLM2's shapes (a script, not a test). Needs a CUDA GPU.
 
-    python bench_kernels.py                       # everything: rmsnorm, rope, attention, end-to-end train steps
-    python bench_kernels.py --only=attention      # one part: rmsnorm | rope | attention | e2e
-    python bench_kernels.py --sweep=1             # also sweep the attention tile configs (prints the best per kind)
-    python bench_kernels.py --e2e_compile=0       # end-to-end without torch.compile (faster to run)
+    python bench/kernels.py                       # everything: rmsnorm, rope, attention, end-to-end train steps
+    python bench/kernels.py --only=attention      # one part: rmsnorm | rope | attention | e2e
+    python bench/kernels.py --sweep=1             # also sweep the attention tile configs (prints the best per kind)
+    python bench/kernels.py --e2e_compile=0       # end-to-end without torch.compile (faster to run)
 
 Prints markdown tables (paste into BENCHMARKS.md): median ms from triton.testing.do_bench, GB/s for the memory-bound
 ops (bytes that must move: read inputs + write outputs once), TFLOP/s for attention (causal: half the 4*B*H*T^2*D
@@ -12,12 +12,14 @@ matmul FLOPs forward; fwd+bwd = 3.5x the forward), and each alternative's time /
 """
 import argparse
 import datetime
-import math
+import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, not bench/ (run from the root)
 
 # Sizes; --dry_run=1 shrinks them and runs every code path once on CPU tensors through Triton's interpreter, to
 # check the script itself without a GPU (its numbers mean nothing).
@@ -153,7 +155,7 @@ def bench_rope():
                 def run(q, k):
                     return f(q, cos, sin), f(k, cos, sin)
                 return run
-            impls = [both(kernels.rope), both(apply_rope), both(compiled)]
+            impls = [both(kernels.apply_rope), both(apply_rope), both(compiled)]
             if liger is not None:  # Liger's layout: (B, H, T, D) with full-width cos/sin (1, T, D)
                 ql = q.detach().transpose(1, 2).contiguous().requires_grad_()
                 kl = k.detach().transpose(1, 2).contiguous().requires_grad_()
@@ -222,7 +224,7 @@ def bench_attention():
             do = torch.randn_like(q)
             qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
             dot = do.transpose(1, 2).contiguous()
-            impls = [(kernels.attention, (q, k, v), do), (sdpa("FLASH_ATTENTION"), (qt, kt, vt), dot),
+            impls = [(kernels.flash_attention, (q, k, v), do), (sdpa("FLASH_ATTENTION"), (qt, kt, vt), dot),
                      (sdpa("CUDNN_ATTENTION"), (qt, kt, vt), dot)]
             if T <= SEQ_LENS[0]:
                 impls.append((sdpa("MATH"), (qt, kt, vt), dot))  # T^2 scores in memory: too big at 8192
@@ -249,9 +251,10 @@ def bench_attention():
 def sweep_attention():
     # Try tile configs for each attention kernel at the 135M shape (bf16, T 2048) and print the fastest: the numbers
     # to write into FWD_CONFIGS / DKDV_CONFIGS / DQ_CONFIGS in kernels/attention.py.
-    import importlib
     import itertools
-    A = importlib.import_module("kernels.attention")  # the module (the package's `kernels.attention` is the function)
+
+    import kernels
+    A = kernels.attention  # the module: its tile tables
     B, T, H, Hkv, D = max(1, TOKENS // SEQ_LENS[0]), SEQ_LENS[0], 9, 3, 64
     q = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, T, Hkv, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
@@ -329,7 +332,7 @@ def main():
         DEV, SEQ_LENS, TOKENS, E2E_T, E2E_LAYERS = "cpu", (16, 32), 32, 16, 1
         args.e2e_steps = 1
     elif not torch.cuda.is_available():
-        print("bench_kernels.py needs a CUDA GPU (none found): nothing to measure. The kernels' correctness runs on "
+        print("bench/kernels.py needs a CUDA GPU (none found): nothing to measure. The kernels' correctness runs on "
               "CPU under the interpreter: python -m pytest -q test_kernels.py")
         return 0
     import triton

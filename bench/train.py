@@ -3,17 +3,19 @@ Training throughput and MFU of the SmolLM2 presets on one GPU: tokens/s of train
 backward with fp32 weights, grad-norm clip, fused AdamW) at T=2048, eager or torch.compile'd, with the Triton kernels
 off or on. Synthetic tokens: this measures the model and optimizer, not data loading (data.py's loader is ~free).
 
-    python bench_train.py                                    # all presets x {eager, compile} x {kernels off, on}
-    python bench_train.py --presets="['smol1.7b']" --steps=20 --activation_checkpointing=True
+    python bench/train.py                                    # all presets x {eager, compile} x {kernels off, on}
+    python bench/train.py --presets="['smol1.7b']" --steps=20 --activation_checkpointing=True
 
 Prints a markdown table (paste it into BENCHMARKS.md). Without CUDA it says so and exits 0.
 """
+import os
 import sys
 import time
 
 import torch
 
-from model import GPT, GPTConfig, PRESETS
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, not bench/ (run from the root)
+from model import GPT, GPTConfig, PRESETS, peak_flops  # noqa: E402
 
 # -----------------------------------------------------------------------------
 presets = ["smol135m", "smol360m", "smol1.7b"]
@@ -29,15 +31,12 @@ from configurator import configure  # noqa: E402
 configure(globals(), sys.argv[1:], allow_config_file=False)
 
 if not torch.cuda.is_available():
-    print("bench_train.py measures GPU training throughput and needs CUDA; nothing to do on this machine.")
+    print("bench/train.py measures GPU training throughput and needs CUDA; nothing to do on this machine.")
     sys.exit(0)
 
 torch.backends.cuda.matmul.allow_tf32 = True
 name = torch.cuda.get_device_name()
-# dense bf16 tensor-core FLOP/s per GPU (vendor datasheets), the same table as train.py's peak_flops()
-PEAKS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12),
-         ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12)]
-peak = next((f for k, f in PEAKS if k in name), None)
+peak = peak_flops(name)
 
 
 def bench(preset, variant):

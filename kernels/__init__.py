@@ -1,13 +1,13 @@
 # nanosmol's Triton kernels, one file per op, each registered with torch.library (namespace "nanosmol::") so that
 # torch.compile(model, fullgraph=True) traces through them, each differentiable:
-#   kernels.rms_norm(x, weight, eps)     x (..., C), weight (C,)             rmsnorm.py
-#   kernels.rope(x, cos, sin)            x (B, T, H, D), cos/sin (T, D/2)     rope.py
-#   kernels.attention(q, k, v, causal)   q (B, T, H, D), k/v (B, T, Hkv, D)   attention.py  (FlashAttention-2, GQA)
+#   kernels.rms_norm(x, weight, eps)            x (..., C), weight (C,)             rmsnorm.py
+#   kernels.apply_rope(x, cos, sin)             x (B, T, H, D), cos/sin (T, D/2)     rope.py
+#   kernels.flash_attention(q, k, v, causal)    q (B, T, H, D), k/v (B, T, Hkv, D)   attention.py  (FlashAttention-2, GQA)
 # model.py calls them on CUDA by default and keeps its PyTorch code as the reference (triton_*=False).
 # Without a GPU, TRITON_INTERPRET=1 (set before this import; conftest.py does it) runs them on CPU tensors, slowly.
 # Importing this package never fails: without Triton (macOS, Windows) the ops raise an error that says what to do.
-# Note: kernels.attention and kernels.rope name the functions, not the submodules (importlib.import_module reaches
-# those, e.g. to edit the tile tables in kernels/attention.py).
+# The ops are named apart from their files, so kernels.attention, kernels.rope and kernels.rmsnorm are the submodules
+# (e.g. kernels.attention.FWD_CONFIGS, the tile table a benchmark edits).
 try:
     import triton  # noqa: F401
     _import_error = None
@@ -15,9 +15,10 @@ except Exception as e:  # pragma: no cover - exercised only on machines without 
     _import_error = e
 
 if _import_error is None:
-    from kernels.attention import attention
+    from kernels import attention, rmsnorm, rope  # noqa: F401 (the submodules, as attributes of the package)
+    from kernels.attention import flash_attention
     from kernels.rmsnorm import rms_norm
-    from kernels.rope import rope
+    from kernels.rope import apply_rope
     from kernels.utils import INTERPRET as _interpret_at_import
     from kernels.utils import launches
 else:  # pragma: no cover
@@ -31,7 +32,7 @@ else:  # pragma: no cover
         op.__name__ = name
         return op
 
-    rms_norm, rope, attention = _missing("rms_norm"), _missing("rope"), _missing("attention")
+    rms_norm, apply_rope, flash_attention = _missing("rms_norm"), _missing("apply_rope"), _missing("flash_attention")
 
 
 def available() -> bool:
@@ -42,4 +43,4 @@ def available() -> bool:
     return torch.cuda.is_available() or _interpret_at_import
 
 
-__all__ = ["rms_norm", "rope", "attention", "available", "launches"]
+__all__ = ["rms_norm", "apply_rope", "flash_attention", "available", "launches"]

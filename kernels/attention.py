@@ -278,8 +278,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qt, strid
 # ------------------------------------------------------------------------------------------------------------ configs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed by (element size in bytes, head_dim). The 16-bit entries follow the
 # shapes known to work for FA2-style Triton kernels on H100 (forward 128x64; backward dK/dV 32 queries x 128 keys,
-# dQ 128 x 32); fp32 halves the tiles for shared memory. NOT yet tuned on a GPU: owed (bench_kernels.py --sweep).
-# bench_kernels.py may overwrite these dicts to sweep configs.
+# dQ 128 x 32); fp32 halves the tiles for shared memory. NOT yet tuned on a GPU: owed (bench/kernels.py --sweep).
+# bench/kernels.py may overwrite these dicts to sweep configs.
 FWD_CONFIGS = {(2, 64): (128, 64, 4, 3), (2, 128): (128, 64, 8, 3), (4, 64): (64, 32, 4, 2), (4, 128): (64, 32, 4, 1)}
 DKDV_CONFIGS = {(2, 64): (32, 128, 4, 3), (2, 128): (32, 64, 4, 2), (4, 64): (16, 64, 4, 2), (4, 128): (16, 32, 4, 1)}
 DQ_CONFIGS = {(2, 64): (128, 32, 4, 3), (2, 128): (64, 32, 4, 2), (4, 64): (64, 16, 4, 2), (4, 128): (32, 16, 4, 1)}
@@ -368,31 +368,31 @@ def _backward(ctx, do, _dlse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v with q (B, T, H, D), k and v (B, T, Hkv, D); returns (B, T, H, D) in q's dtype.
     Strided views (e.g. slices of a fused qkv projection) are read in place as long as the last dim is contiguous."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"kernels.attention: q, k, v must be (B, T, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+        raise ValueError(f"kernels.flash_attention: q, k, v must be (B, T, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     B, Tq, H, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"kernels.attention: k and v must be (B, Tk, Hkv, D) = ({B}, Tk, Hkv, {D}) like q "
+        raise ValueError(f"kernels.flash_attention: k and v must be (B, Tk, Hkv, D) = ({B}, Tk, Hkv, {D}) like q "
                          f"{tuple(q.shape)}, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     Tk, Hkv = k.shape[1], k.shape[2]
     if Hkv == 0 or H % Hkv:
-        raise ValueError(f"kernels.attention: the number of q heads ({H}) must be a multiple of the number of kv heads "
+        raise ValueError(f"kernels.flash_attention: the number of q heads ({H}) must be a multiple of the number of kv heads "
                          f"({Hkv}) (MHA, GQA or MQA)")
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"kernels.attention: head_dim {D} is not supported (supported: {SUPPORTED_HEAD_DIMS}); "
+        raise ValueError(f"kernels.flash_attention: head_dim {D} is not supported (supported: {SUPPORTED_HEAD_DIMS}); "
                          f"use the PyTorch path (triton_attention=False)")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"kernels.attention: q, k, v must share one dtype of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, "
+        raise TypeError(f"kernels.flash_attention: q, k, v must share one dtype of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, "
                         f"{v.dtype}")
     if causal and Tk < Tq:
-        raise ValueError(f"kernels.attention: causal attention needs at least as many keys as queries (Tk={Tk} < "
+        raise ValueError(f"kernels.flash_attention: causal attention needs at least as many keys as queries (Tk={Tk} < "
                          f"Tq={Tq}); the mask is aligned bottom-right (query i sees keys j <= i + Tk - Tq)")
     if Tk == 0 and Tq > 0:
-        raise ValueError("kernels.attention: no keys (Tk=0)")
+        raise ValueError("kernels.flash_attention: no keys (Tk=0)")
     check_device("attention", q, k, v)
     o, _ = torch.ops.nanosmol.attention_fwd(q, k, v, causal)
     return o

@@ -82,19 +82,19 @@ def _backward(ctx, dy):
 rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, H, D) by the angles behind cos, sin (T, D/2); returns a new contiguous (B, T, H, D) tensor."""
     if x.dim() != 4:
-        raise ValueError(f"kernels.rope: x must be (B, T, H, D), got shape {tuple(x.shape)}")
+        raise ValueError(f"kernels.apply_rope: x must be (B, T, H, D), got shape {tuple(x.shape)}")
     B, T, H, D = x.shape
     if D % 2:
-        raise ValueError(f"kernels.rope: head_dim must be even for rotate-half, got D={D}")
+        raise ValueError(f"kernels.apply_rope: head_dim must be even for rotate-half, got D={D}")
     if tuple(cos.shape) != (T, D // 2) or tuple(sin.shape) != (T, D // 2):
-        raise ValueError(f"kernels.rope: cos and sin must be (T, D/2) = ({T}, {D // 2}) for x {tuple(x.shape)}, got "
+        raise ValueError(f"kernels.apply_rope: cos and sin must be (T, D/2) = ({T}, {D // 2}) for x {tuple(x.shape)}, got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)} (slice the tables to the positions of x)")
     if not (x.is_floating_point() and cos.is_floating_point() and sin.is_floating_point()):
-        raise TypeError(f"kernels.rope: floating-point inputs only, got {x.dtype}, {cos.dtype}, {sin.dtype}")
+        raise TypeError(f"kernels.apply_rope: floating-point inputs only, got {x.dtype}, {cos.dtype}, {sin.dtype}")
     if cos.requires_grad or sin.requires_grad:
-        raise ValueError("kernels.rope: cos and sin are treated as constants (no gradient); pass them detached")
+        raise ValueError("kernels.apply_rope: cos and sin are treated as constants (no gradient); pass them detached")
     check_device("rope", x, cos, sin)
     return torch.ops.nanosmol.rope(x, cos, sin, False)
