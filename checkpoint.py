@@ -3,17 +3,20 @@ Real checkpoints in and out: Hugging Face directories (config.json + safetensors
 files in; Hugging Face directories out, loadable unmodified by transformers' AutoModelForCausalLM.
 
 Everything is first brought to Hugging Face tensor names (GGUF names are renamed and llama.cpp's q/k row permutation
-is undone), then one table maps those to model.py's names, fusing q/k/v into wqkv and gate/up into w13.
+is undone), then one table maps those to model.py's names and back, fusing q/k/v into wqkv and gate/up into w13.
+Also train.py's own checkpoints (ckpt_<step>.pt: model, optimizer, loader and RNG states), written atomically.
+This file does not import model.py (model.py's GPT.from_pretrained / save_pretrained call it): any config object with
+GPTConfig's fields will do.
 """
 import glob
 import json
 import os
+import random
 import re
 
 import numpy as np
 import torch
 
-from model import GPTConfig
 from tokenizer import Tokenizer, smollm2_gguf_path  # noqa: F401 (re-exported for sample.py and the tests)
 
 
@@ -49,7 +52,7 @@ def hf_config_to_gpt(hf: dict) -> dict:
                 bos_token_id=_first(hf.get("bos_token_id", 0)) or 0, eos_token_id=_first(hf.get("eos_token_id", 0)) or 0)
 
 
-def gpt_to_hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
+def gpt_to_hf_config(cfg, dtype: torch.dtype) -> dict:
     # the transformers 4.x form (top-level rope_theta), which 5.x still reads
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
@@ -64,7 +67,7 @@ def gpt_to_hf_config(cfg: GPTConfig, dtype: torch.dtype) -> dict:
 # tensor names: Hugging Face <-> model.py
 
 
-def hf_shapes(cfg: GPTConfig) -> dict:
+def hf_shapes(cfg) -> dict:
     C, D, I = cfg.n_embd, cfg.head_dim, cfg.intermediate_size
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, C), "model.norm.weight": (C,)}
     for i in range(cfg.n_layer):
@@ -78,7 +81,26 @@ def hf_shapes(cfg: GPTConfig) -> dict:
     return shapes
 
 
-def hf_to_nanosmol(hf_sd: dict, cfg: GPTConfig, source: str) -> dict:
+# model.py's name -> the Hugging Face tensors it holds, concatenated along dim 0 (per layer, then the rest)
+LAYER_NAMES = {"attention_norm.weight": ["input_layernorm.weight"],
+               "ffn_norm.weight": ["post_attention_layernorm.weight"],
+               "attention.wqkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+               "attention.wo.weight": ["self_attn.o_proj.weight"],
+               "feed_forward.w13.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+               "feed_forward.w2.weight": ["mlp.down_proj.weight"]}
+MODEL_NAMES = {"tok_embeddings.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"],
+               "output.weight": ["lm_head.weight"]}
+
+
+def name_map(cfg) -> dict:
+    # every tensor of this config: {model.py name: [Hugging Face names]}; a tied head is the embedding, not a tensor
+    out = {k: v for k, v in MODEL_NAMES.items() if not (k == "output.weight" and cfg.tie_embeddings)}
+    for i in range(cfg.n_layer):
+        out.update({f"layers.{i}.{k}": [f"model.layers.{i}.{n}" for n in v] for k, v in LAYER_NAMES.items()})
+    return out
+
+
+def hf_to_nanosmol(hf_sd: dict, cfg, source: str) -> dict:
     # checks every tensor against the config, then renames and fuses. Errors name the tensor and the file.
     shapes = hf_shapes(cfg)
     missing = [k for k in shapes if k not in hf_sd]
@@ -92,39 +114,22 @@ def hf_to_nanosmol(hf_sd: dict, cfg: GPTConfig, source: str) -> dict:
     for k, shape in shapes.items():
         if tuple(hf_sd[k].shape) != shape:
             raise ValueError(f"{source}: tensor {k} has shape {tuple(hf_sd[k].shape)}, expected {shape} from the config")
-    sd = {"tok_embeddings.weight": hf_sd["model.embed_tokens.weight"], "norm.weight": hf_sd["model.norm.weight"]}
-    sd["output.weight"] = sd["tok_embeddings.weight"] if cfg.tie_embeddings else hf_sd["lm_head.weight"]
-    for i in range(cfg.n_layer):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        sd[q + "attention_norm.weight"] = hf_sd[p + "input_layernorm.weight"]
-        sd[q + "ffn_norm.weight"] = hf_sd[p + "post_attention_layernorm.weight"]
-        sd[q + "attention.wqkv.weight"] = torch.cat([hf_sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        sd[q + "attention.wo.weight"] = hf_sd[p + "self_attn.o_proj.weight"]
-        sd[q + "feed_forward.w13.weight"] = torch.cat([hf_sd[p + "mlp.gate_proj.weight"], hf_sd[p + "mlp.up_proj.weight"]])
-        sd[q + "feed_forward.w2.weight"] = hf_sd[p + "mlp.down_proj.weight"]
+    sd = {ours: torch.cat([hf_sd[n] for n in theirs]) if len(theirs) > 1 else hf_sd[theirs[0]]
+          for ours, theirs in name_map(cfg).items()}
+    if cfg.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
     return sd
 
 
-def nanosmol_to_hf(model) -> dict:
-    cfg, sd = model.config, model.state_dict()
-    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["output.weight"]
-    for i in range(cfg.n_layer):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        out[p + "input_layernorm.weight"] = sd[q + "attention_norm.weight"]
-        out[p + "post_attention_layernorm.weight"] = sd[q + "ffn_norm.weight"]
-        wq, wk, wv = sd[q + "attention.wqkv.weight"].split([H * D, Hkv * D, Hkv * D])
-        out.update({p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk, p + "self_attn.v_proj.weight": wv})
-        out[p + "self_attn.o_proj.weight"] = sd[q + "attention.wo.weight"]
-        gate, up = sd[q + "feed_forward.w13.weight"].chunk(2)
-        out.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up})
-        out[p + "mlp.down_proj.weight"] = sd[q + "feed_forward.w2.weight"]
+def nanosmol_to_hf(sd: dict, cfg) -> dict:
+    # model.py's state dict -> Hugging Face tensors (contiguous CPU copies), fused ones split back by the HF shapes
+    shapes, out = hf_shapes(cfg), {}
+    for ours, theirs in name_map(cfg).items():
+        out.update(zip(theirs, sd[ours].split([shapes[n][0] for n in theirs])))
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 # -----------------------------------------------------------------------------
-# train.py's own checkpoints: out_dir/ckpt_<step>.pt, and out_dir/latest naming the newest (written atomically)
+# train.py's own checkpoints: out_dir/ckpt_<step>.pt, one torch.save dict, and out_dir/latest naming the newest
 
 _CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
 
@@ -145,6 +150,67 @@ def latest_checkpoint(d):
             return os.path.join(d, name)
     found = list_checkpoints(d)
     return found[-1][1] if found else None
+
+
+def write_train_checkpoint(out_dir, step, ckpt: dict, keep: int) -> str:
+    # ckpt_<step>.pt.tmp, fsync, rename, then move out_dir/latest: a crash mid-write leaves the previous checkpoints
+    # intact and `latest` never names a partial file. Keeps the newest `keep` checkpoints.
+    path = os.path.join(out_dir, f"ckpt_{step}.pt")
+    with open(path + ".tmp", "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(path) + "\n")
+    os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+    for _, old in list_checkpoints(out_dir)[:-keep]:
+        os.remove(old)
+    return path
+
+
+def full_train_state(model, optimizer, fsdp: bool):
+    # (model, optimizer) state dicts, whole and on the CPU. Under FSDP a collective: every rank must call it. The
+    # optimizer state is keyed by parameter name (torch.distributed.checkpoint), so DDP and FSDP runs resume each other.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=full) if fsdp else {k: v.cpu() for k, v in model.state_dict().items()}
+    return model_sd, get_optimizer_state_dict(model, optimizer, options=full)
+
+
+def load_optimizer_state(model, optimizer, optim_sd):
+    # the inverse of full_train_state's second half, sharding the state again under FSDP
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+
+
+def to_full(t):
+    # a whole tensor from a parameter-like one (an FSDP DTensor shard is gathered: a collective)
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like_param(full, p):
+    # a whole tensor from a checkpoint, laid out like parameter p (sharded again under FSDP)
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(full.to(p.device), p.device_mesh, p.placements)
+    return full.to(p.device)
+
+
+def rng_state(cuda: bool) -> dict:
+    # every RNG the run draws from; torch.load(weights_only=True) reads only tensors and plain containers, so numpy's
+    # state becomes a tensor
+    npst, py = np.random.get_state(), random.getstate()
+    return {"python": [py[0], list(py[1]), py[2]], "numpy": [torch.from_numpy(npst[1].astype(np.int64)), *npst[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}
+
+
+def set_rng_state(rng: dict, cuda: bool):
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state(("MT19937", rng["numpy"][0].numpy().astype(np.uint32), *rng["numpy"][1:]))
+    torch.set_rng_state(rng["torch"])
+    if cuda and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
 
 # -----------------------------------------------------------------------------
 # readers
@@ -238,7 +304,9 @@ def resolve(path: str) -> str:
     raise FileNotFoundError(f"{path!r} does not exist: pass a Hugging Face model directory, a .gguf file or a hub id")
 
 
-def load_pretrained(cls, path: str, dtype=torch.float32, device="cpu", **overrides):
+def read_pretrained(path: str):
+    # a Hugging Face directory, a .gguf file or a hub id -> (GPTConfig fields, Hugging Face state dict, tokenizer or
+    # None, the local path read)
     path = resolve(path)
     if path.endswith(".gguf"):
         config, hf_sd = read_gguf(path)
@@ -246,34 +314,23 @@ def load_pretrained(cls, path: str, dtype=torch.float32, device="cpu", **overrid
         config, hf_sd = read_hf_dir(path)
     else:
         raise ValueError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    cfg = GPTConfig(**{**config, **overrides})
-    sd = {k: v.to(dtype) for k, v in hf_to_nanosmol(hf_sd, cfg, path).items()}
-    with torch.device("meta"):
-        model = cls(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)  # tensors are adopted, not copied into meta storage
-    if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.setup_rope(cfg.block_size, cfg.rope_theta)  # the rope tables were built on meta
-    model.to(device)
-    if path.endswith(".gguf") or os.path.exists(os.path.join(path, "tokenizer.json")):
-        model.tokenizer = Tokenizer.from_file(path)
-    return model.eval()
+    has_tok = path.endswith(".gguf") or os.path.exists(os.path.join(path, "tokenizer.json"))
+    return config, hf_sd, Tokenizer.from_file(path) if has_tok else None, path
 
 
-def save_pretrained(model, out_dir: str, tokenizer=None):
+def write_pretrained(sd: dict, cfg, out_dir: str, tokenizer=None):
+    # a Hugging Face directory: config.json, generation_config.json, model.safetensors (atomically), the tokenizer
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
-    dtype = model.tok_embeddings.weight.dtype
-    cfg = model.config
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(gpt_to_hf_config(cfg, dtype), f, indent=2)
+        json.dump(gpt_to_hf_config(cfg, sd["tok_embeddings.weight"].dtype), f, indent=2)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     if tokenizer is not None and getattr(tokenizer, "pad_id", None) is not None:
         gen["pad_token_id"] = tokenizer.pad_id
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=2)
     tmp = os.path.join(out_dir, "model.safetensors.tmp")
-    save_file(nanosmol_to_hf(model), tmp, metadata={"format": "pt"})
+    save_file(nanosmol_to_hf(sd, cfg), tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # never a half-written file under the real name
     if tokenizer is not None:
         tokenizer.save(out_dir)

