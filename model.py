@@ -36,6 +36,9 @@ class GPTConfig:
     triton_rmsnorm: Optional[bool] = None
     triton_rope: Optional[bool] = None
     triton_attention: Optional[bool] = None
+    # forward(idx, targets) computes the loss chunk by chunk without the (B, T, vocab) logits (fused_cross_entropy) and
+    # returns None for them; train.py turns it on, a plain GPT returns the logits as nanoGPT does
+    fused_head: bool = False
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -285,10 +288,13 @@ class GPT(nn.Module):
         return self.norm(x)
 
     def forward(self, idx, targets=None):
-        logits = self.output(self.hidden_states(idx))  # (B, T, vocab)
+        # -> (logits (B, T, vocab), mean cross-entropy over targets != -100); logits are None with fused_head and targets
+        h = self.hidden_states(idx)  # (B, T, C)
+        if targets is not None and self.config.fused_head:
+            return None, fused_cross_entropy(h.flatten(0, 1), self.output.weight, targets.reshape(-1))
+        logits = self.output(h)  # (B, T, vocab)
         loss = None
-        if targets is not None:
-            # mean over positions whose target is not -100; fp32 softmax even under bf16 autocast
+        if targets is not None:  # fp32 softmax even under bf16 autocast
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
@@ -395,6 +401,65 @@ class GPT(nn.Module):
         import checkpoint
         checkpoint.write_pretrained(self.state_dict(), self.config, out_dir,
                                     tokenizer if tokenizer is not None else self.tokenizer)
+
+
+# -----------------------------------------------------------------------------
+# the output head and the loss in one pass (Liger's FusedLinearCrossEntropy; Wijmans et al. 2024, Cut Cross-Entropy)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    # Mean cross-entropy of h @ w^T without the (N, vocab) fp32 logits (2048 x 49152 x 4 B = 400 MB for the
+    # quickstart's 8 x 256 micro-batch, 1.5 GiB for 135M's 4 x 2048): rows go through in chunks, and each chunk's
+    # logits become its loss and, at once, its share of dh and dw. The gradients are made in forward (the logits exist
+    # only there) and scaled by the incoming gradient in backward. Per chunk one log_softmax (fp32, read straight from
+    # the matmul's output) and one exp touch the (n, vocab) block; everything else is (n, C) or (vocab, C) sized.
+    @staticmethod
+    def forward(ctx, h, w, targets, dtype, chunk):
+        # h (N, C), w (vocab, C), targets (N,) with -100 = no loss; matmuls in dtype, softmax and sums in fp32
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(h.device.type, enabled=False):
+            wc = w.to(dtype)
+            dh = torch.empty_like(h) if need_dh else None
+            # dw accumulates in dtype (addmm into it: oneDNN sums each product in fp32, rounding once per chunk; bf16
+            # -> fp32 conversions of a (vocab, C) block cost more than the matmul on a CPU), as Liger's does
+            dw = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_dw else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for s in range(0, h.shape[0], chunk):
+                hc, t = h[s:s + chunk].to(dtype), targets[s:s + chunk]
+                valid = (t != -100)[:, None]  # (n, 1)
+                tc = torch.where(valid[:, 0], t, 0)  # (n,): an ignored row points at token 0, then is masked
+                logp = torch.log_softmax(hc @ wc.t(), dim=-1, dtype=torch.float32)  # (n, vocab)
+                rows = torch.arange(len(tc), device=h.device)
+                logp_t = logp[rows, tc]  # (n,) log-probability of each target
+                total -= (logp_t * valid[:, 0]).sum()
+                if not (need_dh or need_dw):
+                    continue
+                # d(summed loss)/d(logits) = softmax - onehot(target), rounded once to dtype (as autocast's backward)
+                g = logp.exp_().to(dtype)
+                g[rows, tc] = (logp_t.exp() - 1).to(dtype)
+                if need_dh:
+                    dh[s:s + chunk] = (g @ wc) * valid  # ignored rows: no gradient
+                if need_dw:
+                    dw.addmm_(g.t(), hc * valid)  # (vocab, C)
+            n = (targets != -100).sum()  # 0 -> nan, as F.cross_entropy
+            ctx.save_for_backward(dh, dw, n)
+            ctx.w_dtype = w.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw, n = ctx.saved_tensors
+        scale = grad / n
+        return (dh * scale.to(dh.dtype) if dh is not None else None,
+                (dw.float() * scale).to(ctx.w_dtype) if dw is not None else None, None, None, None)
+
+
+def fused_cross_entropy(h, w, targets, chunk: Optional[int] = None):
+    # == F.cross_entropy((h @ w.T).float(), targets, ignore_index=-100), also under autocast (matmuls in its dtype).
+    # chunk: rows at a time; the default keeps a chunk's fp32 log-probabilities near 32 MB
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else w.dtype
+    chunk = chunk or max(16, (1 << 22) // w.shape[0])
+    return _FusedLinearCrossEntropy.apply(h, w, targets, dtype, chunk)
 
 
 # -----------------------------------------------------------------------------

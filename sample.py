@@ -34,6 +34,19 @@ compile = False         # torch.compile the model for every step (GPUs; on a sma
 from configurator import configure  # noqa: E402
 configure(globals(), sys.argv[1:], allow_config_file=False)
 
+# bad values are one-line errors before anything loads
+checks = [(temperature >= 0, f"temperature={temperature} must be >= 0 (0 = greedy)"),
+          (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1] (1.0 = no nucleus cut)"),
+          (top_k >= 0, f"top_k={top_k} must be >= 0 (0 = all tokens)"),
+          (num_samples >= 1, f"num_samples={num_samples} must be >= 1"),
+          (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be >= 1"),
+          (dtype in ("float32", "bfloat16", "float16"), f"dtype={dtype!r} must be float32, bfloat16 or float16"),
+          (init_from == "" or os.path.exists(init_from) or (init_from.count("/") == 1 and not init_from.startswith((".", "/"))),
+           f"--init_from={init_from}: no such file or directory (a train.py out_dir or ckpt_*.pt, a Hugging Face "
+           f"directory, a .gguf file, or a hub id like HuggingFaceTB/SmolLM2-135M)")]
+for ok, message in checks:
+    if not ok:
+        sys.exit(f"error: {message}")
 torch.manual_seed(seed)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
@@ -75,7 +88,10 @@ def load(init_from):
     return model.to(device=device, dtype=ptdtype).eval(), tok
 
 
-model, tok = load(init_from)
+try:
+    model, tok = load(init_from)
+except (OSError, ValueError, KeyError) as e:  # a checkpoint that is not what it claims: checkpoint.py's messages say why
+    sys.exit(f"error: {init_from}: {e}")
 if compile:
     # every step through the compiled modules: for GPUs; on a small CPU compiling takes minutes (BENCHMARKS.md)
     model.hidden_states = torch.compile(model.hidden_states, dynamic=True)

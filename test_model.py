@@ -343,3 +343,59 @@ def test_cached_decode_steps_match_full_forward(dtype, n_embd):
         for _ in range(20):
             ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
         assert torch.equal(model.generate(prompt, 20, temperature=0), ref)
+
+
+# ---------------------------------------------------------------------------- the fused output head + loss
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cross_entropy_matches_plain(dtype):
+    # loss and gradients of fused_cross_entropy against logits + F.cross_entropy, with ignored targets, a row (the
+    # first 23 positions) with no trained token, and chunks that do not divide the rows. bf16 autocast: both paths
+    # round the logits' gradient to bf16 (8 significant bits, 2^-9 relative); the plain path rounds each weight-gradient
+    # sum once, the fused one once per chunk, so a few bf16 ulps (2e-2 of the largest entry) separate them.
+    from model import fused_cross_entropy
+    torch.manual_seed(0)
+    N, C, V = 300, 48, 1000
+    h0, w0 = torch.randn(N, C), torch.randn(V, C) * 0.2
+    t = torch.randint(0, V, (N,))
+    t[:23] = -100
+    t[100:140:3] = -100
+    auto = dict(device_type="cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    with torch.autocast(**auto):
+        ref = F.cross_entropy((h @ w.t()).float(), t, ignore_index=-100)
+    (ref * 3).backward()
+    for chunk in (7, 64, 1000):
+        hf, wf = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast(**auto):
+            out = fused_cross_entropy(hf, wf, t, chunk=chunk)
+        (out * 3).backward()
+        rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert out.dtype == torch.float32 and rel(out, ref) <= (1e-6 if dtype == torch.float32 else 1e-3)
+        assert rel(hf.grad, h.grad) <= tol and rel(wf.grad, w.grad) <= tol, (chunk, rel(hf.grad, h.grad), rel(wf.grad, w.grad))
+        assert hf.grad[:23].abs().max() == 0  # no trained token: no gradient
+    with torch.no_grad():  # evaluation: no gradients made, the same loss
+        assert torch.allclose(fused_cross_entropy(h0, w0, t), F.cross_entropy(h0 @ w0.t(), t), rtol=1e-6)
+    assert fused_cross_entropy(h0, w0, torch.full((N,), -100)).isnan()  # as F.cross_entropy: 0/0
+
+
+def test_fused_head_model_equals_plain_model():
+    # GPT(fused_head=True) returns no logits with targets, and the same loss and gradients of every parameter (the
+    # tied embedding / head included) as the plain head, fp32
+    torch.manual_seed(0)
+    plain, fused = tiny(), tiny(fused_head=True)
+    fused.load_state_dict(plain.state_dict())
+    idx, tgt = torch.randint(0, 512, (3, 17)), torch.randint(0, 512, (3, 17))
+    tgt[1] = -100
+    tgt[0, :4] = -100
+    logits, loss = plain(idx, tgt)
+    none, loss_f = fused(idx, tgt)
+    loss.backward()
+    loss_f.backward()
+    assert logits.shape == (3, 17, 512) and none is None
+    torch.testing.assert_close(loss_f, loss, rtol=1e-6, atol=0)
+    grads = dict(plain.named_parameters())
+    for name, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(fused(idx)[0], plain(idx)[0])  # without targets: logits as usual

@@ -270,6 +270,21 @@ class Tokenizer:
     def id_to_token(self, i: int):
         return self._id_to_token.get(int(i))  # None if out of range
 
+    def token_byte_lengths(self) -> list[int]:
+        # UTF-8 bytes of text each id stands for (0 for special tokens): the denominator of bits per byte, which
+        # compares models across tokenizers. A byte-level token spells one byte per character.
+        byte_of, special = {c: b for b, c in bytes_to_unicode().items()}, set(self.special_ids)
+        out = []
+        for i in range(self.vocab_size):
+            tok = self._id_to_token.get(i)
+            if tok is None or i in special:
+                out.append(0)
+            elif all(c in byte_of for c in tok):
+                out.append(len(tok))
+            else:  # not byte-level (an added plain token): count its decoded text
+                out.append(len(self._tk.decode([i]).encode("utf-8")))
+        return out
+
     def _spec(self):
         # the full tokenizer.json as a dict (parsed once: ~0.2 s for this vocabulary)
         if not hasattr(self, "_spec_cache"):

@@ -56,6 +56,7 @@ model_overrides = {}          # single GPTConfig fields over the preset, e.g. di
 triton_rmsnorm = None         # Triton kernels (kernels/): None = auto (CUDA only), True = always, False = PyTorch
 triton_rope = None
 triton_attention = None
+fused_head = True             # the output head and the loss in chunks, never the (B, T, vocab) logits (model.fused_cross_entropy)
 activation_checkpointing = False  # recompute each block in backward: ~1/3 more compute for far less activation memory
 compile = False               # torch.compile the model
 # optimizer: AdamW as SmolLM2 (nanotron): betas (0.9, 0.95), eps 1e-8, weight decay 0.01 on every parameter
@@ -78,7 +79,8 @@ swa = False                   # windowed weight averaging (Hägele et al. §5), 
 swa_window = 500              # steps per window; the average of the last finished window is evaluated
 # system
 device = "auto"               # "auto" -> cuda:LOCAL_RANK if available, else cpu
-dtype = "auto"                # "auto" -> bfloat16 autocast on CUDA, float32 on CPU; weights and optimizer stay fp32
+dtype = "auto"                # "auto" -> bfloat16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else
+                              # float32; weights, gradients and AdamW state stay fp32 either way
 fsdp = False                  # shard weights/grads/optimizer state with FSDP2 (fully_shard) instead of DDP replicas
 max_nonfinite_steps = 5       # this many non-finite losses in a row stop the run
 # -----------------------------------------------------------------------------
@@ -120,8 +122,25 @@ master_process = rank == 0
 if fsdp and not ddp:
     print("fsdp=True with one process: nothing to shard, training as a single replica")
     fsdp = False
-ptdtype = {"auto": torch.bfloat16 if device_type == "cuda" else torch.float32, "float32": torch.float32,
-           "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def cpu_has_native_bf16():
+    # AVX512-BF16 or AMX: oneDNN runs bf16 matmuls natively (the quickstart's 2048x192 @ 192x49152 head: 109 GFLOP/s in
+    # fp32, 355 in bf16 on an AVX512-BF16 CPU). Without them bf16 is emulated and slower than fp32.
+    try:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # an older torch without the probes
+        return False
+
+
+if dtype == "auto":
+    native = device_type == "cpu" and cpu_has_native_bf16()
+    dtype = "bfloat16" if device_type == "cuda" or native else "float32"
+    dtype_why = (f"dtype auto -> {dtype}: " + ("a CUDA GPU" if device_type == "cuda" else "this CPU has native bf16 "
+                 "matmuls (AVX512-BF16/AMX)" if native else "this CPU has no native bf16 matmuls (AVX512-BF16/AMX)"))
+else:
+    dtype_why = f"dtype {dtype} (set in the config)"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 if ptdtype == torch.float16:
     raise SystemExit("dtype=float16 needs a loss scaler, which this script does not have: use bfloat16")
 # bf16 autocast runs the matmuls in bf16 while weights, gradients and AdamW state stay fp32
@@ -160,6 +179,7 @@ for _name in ("train.py", "model.py"):
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), _name)) as _f:
         print0(f"----- {_name} -----\n{_f.read()}\n----- end of {_name} -----", console=False)
 print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
+print0(dtype_why + ("; autocast, with fp32 weights and optimizer state" if dtype != "float32" else ""))
 if master_process:
     with open(os.path.join(out_dir, "config.json"), "w") as _f:
         json.dump(config, _f, indent=2)
@@ -240,11 +260,15 @@ print0(f"tokens per step: {total_batch_tokens:,} = {stage_shape(loader.stage)[1]
        f"tokens x {world_size} ranks x {grad_accum_steps} accumulation steps; {max_steps:,} steps = "
        f"{total_batch_tokens * max_steps / 1e9:.3g}B tokens")
 val_data = {s: loader.val_batches(s, eval_batches) for s in loader.sources}  # fixed: each rank its own, every eval the same
+from tokenizer import Tokenizer  # noqa: E402
+tokenizer = Tokenizer.from_file(data_dir)  # prepare.py keeps the tokenizer the data was encoded with
+token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)  # (vocab,): bits per byte in evaluate()
 
 # -----------------------------------------------------------------------------
 # model: from the preset, a checkpoint of this script, or a Hugging Face / GGUF checkpoint (continued pretraining)
 torch.manual_seed(seed)  # the same initial weights on every rank
-kernels_cfg = dict(triton_rmsnorm=triton_rmsnorm, triton_rope=triton_rope, triton_attention=triton_attention)
+kernels_cfg = dict(triton_rmsnorm=triton_rmsnorm, triton_rope=triton_rope, triton_attention=triton_attention,
+                   fused_head=fused_head)  # runtime switches, not weights: this run's, also over a checkpoint's
 model_name = model  # the config key; `model` becomes the module below
 if ckpt is not None or init_from.endswith(".pt"):
     src = ckpt if ckpt is not None else torch.load(init_from, map_location="cpu", weights_only=True)
@@ -409,33 +433,30 @@ PEAK = peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else No
 
 @torch.no_grad()
 def evaluate():
-    # mean loss per source over its fixed validation batches (each rank holds its own, disjoint share)
+    # per source, over its fixed validation batches (each rank holds its own, disjoint share): {source: (mean loss in
+    # nats per token, bits per byte)}. Bits per byte = the summed loss / ln 2 / the UTF-8 bytes the targets stand for:
+    # it does not depend on the tokenizer, so runs with different tokenizers compare.
     model.eval()
     out = {}
     for src, batches in val_data.items():
-        tot = torch.zeros(2, device=device)  # (sum of batch losses, number of batches)
+        tot = torch.zeros(4, dtype=torch.float64, device=device)  # (sum of batch losses, batches, summed nats, bytes)
         for x, y in batches:
+            x, y = x.to(device), y.to(device)
             with autocast:
-                _, loss = model(x.to(device), y.to(device))
-            tot += torch.stack([loss.float(), torch.ones((), device=device)])
+                _, loss = model(x, y)
+            loss = loss.double()
+            tot += torch.stack([loss, torch.ones_like(loss), loss * y.numel(), token_bytes[y].sum().double()])
         if ddp:
             dist.all_reduce(tot)
-        out[src] = (tot[0] / tot[1]).item()  # CPU-GPU sync
+        out[src] = ((tot[0] / tot[1]).item(), (tot[2] / (math.log(2) * tot[3])).item())  # CPU-GPU sync
     model.train()
     return out
 
 
-tokenizer = None
-
-
 def sample_text(step):
     # a short continuation of sample_prompt with its own generator, so the training RNG streams are untouched
-    global tokenizer
     if not sample_prompt:
         return None
-    if tokenizer is None:
-        from tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_file(data_dir)  # prepare.py keeps the tokenizer the data was encoded with
     idx = torch.tensor([tokenizer.encode(sample_prompt)], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed + step)
     raw_model.eval()
@@ -494,14 +515,17 @@ for step in range(start_step, max_steps + 1):
 
     if (step % eval_interval == 0 or last_step) and not (step == start_step and eval_done):
         t0 = time.time()
-        losses = evaluate()
-        rec = {"step": step, "val_loss": sum(losses.values()) / len(losses), **{f"val_loss/{s}": v for s, v in losses.items()}}
+        res = evaluate()  # {source: (val loss, val bpb)}
+        mean = lambda i, r: sum(v[i] for v in r.values()) / len(r)  # over sources, each weighted equally
+        rec = {"step": step, "val_loss": mean(0, res), "val_bpb": mean(1, res), **{f"val_loss/{s}": v[0] for s, v in res.items()},
+               **{f"val_bpb/{s}": v[1] for s, v in res.items()}}
         if swa and swa_avg is not None:
             swap_swa()
-            rec["swa_val_loss"] = sum(evaluate().values()) / len(losses)
+            swa_res = evaluate()
+            rec["swa_val_loss"], rec["swa_val_bpb"] = mean(0, swa_res), mean(1, swa_res)
             swap_swa()
-        print0(f"step {step:6d}/{max_steps} | val_loss {rec['val_loss']:.4f} | " + " | ".join(
-            f"{s} {v:.4f}" for s, v in losses.items()) + (f" | swa_val_loss {rec['swa_val_loss']:.4f}" if "swa_val_loss" in rec else "")
+        print0(f"step {step:6d}/{max_steps} | val_loss {rec['val_loss']:.4f} | val_bpb {rec['val_bpb']:.4f} | " + " | ".join(
+            f"{s} {v[0]:.4f}" for s, v in res.items()) + (f" | swa_val_loss {rec['swa_val_loss']:.4f}" if "swa_val_loss" in rec else "")
             + f" | {time.time() - t0:.1f} s")
         log_metrics(rec)
         if master_process or fsdp:
