@@ -37,7 +37,9 @@ checkpoint_interval = 5000    # optimizer steps between checkpoints; one is alwa
 keep_checkpoints = 3          # keep the newest K ckpt_*.pt in out_dir
 log_interval = 1              # optimizer steps between log lines (every line also goes to metrics.jsonl)
 sample_prompt = "The"         # the text continued at each eval ("" -> no sample)
-sample_tokens = 48            # new tokens per sample
+sample_tokens = 48            # new tokens per sample (sampled: temperature 0.7, top_p 0.9)
+end_prompts = []              # after the last step, a sample of each of these prompts instead of sample_prompt's
+end_tokens = 96               # new tokens per end sample
 wandb_log = False             # log to Weights & Biases too (imported lazily, rank 0 only)
 wandb_project = "nanosmol"
 wandb_run_name = ""           # "" -> the basename of out_dir
@@ -453,11 +455,9 @@ def evaluate():
     return out
 
 
-def sample_text(step):
-    # a short continuation of sample_prompt with its own generator, so the training RNG streams are untouched
-    if not sample_prompt:
-        return None
-    idx = torch.tensor([tokenizer.encode(sample_prompt)], dtype=torch.long, device=device)
+def sample_text(step, prompt, n_tokens):
+    # a sampled continuation of prompt with its own generator, so the training RNG streams are untouched
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed + step)
     raw_model.eval()
     # FSDP: generate() calls submodules directly (and may copy weights), so gather every shard for its duration
@@ -465,7 +465,7 @@ def sample_text(step):
     for m in sharded:
         m.unshard()
     with autocast:
-        out = raw_model.generate(idx, sample_tokens, temperature=0.8, top_k=50, stop_tokens=(tokenizer.eos_id,), generator=gen)
+        out = raw_model.generate(idx, n_tokens, temperature=0.7, top_p=0.9, stop_tokens=(tokenizer.eos_id,), generator=gen)
     for m in sharded:
         m.reshard()
     raw_model.train()
@@ -528,10 +528,10 @@ for step in range(start_step, max_steps + 1):
             f"{s} {v[0]:.4f}" for s, v in res.items()) + (f" | swa_val_loss {rec['swa_val_loss']:.4f}" if "swa_val_loss" in rec else "")
             + f" | {time.time() - t0:.1f} s")
         log_metrics(rec)
-        if master_process or fsdp:
-            text = sample_text(step)
-            if text is not None:
-                print0(f"sample: {text!r}")
+        # a sample at each eval; after the last step one per end prompt
+        prompts = end_prompts if (last_step and end_prompts) else [sample_prompt] if sample_prompt else []
+        for i, p in enumerate(prompts if (master_process or fsdp) else []):
+            print0(f"sample: {sample_text(step + i, p, end_tokens if p in end_prompts else sample_tokens)!r}")
         t_last = None  # the eval's time is not a training step's
     eval_done = False
 

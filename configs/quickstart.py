@@ -1,6 +1,6 @@
 # The quickstart: a small SmolLM2-shaped model on the embedded offline corpus (Python's own library source, its
-# documentation prose and generated worked math problems), in ~5 minutes on 2 CPU cores: validation loss 11.3 -> 5.2
-# (measured on this project's 2-core EPYC: 5:44 wall with the corpus build, BENCHMARKS.md).
+# documentation prose and generated worked math problems), in ~5 minutes on 2 CPU cores: validation 5.20 -> 1.62 bits
+# per byte (loss 11.3 -> 4.3), then samples from three prompts (BENCHMARKS.md: "The first run").
 #   python train.py configs/quickstart.py          # builds data_cache/quickstart first if it is missing (~10 s)
 #   python sample.py --init_from=out/quickstart    # then sample from the result
 out_dir = "out/quickstart"
@@ -17,23 +17,30 @@ block_size = 256
 micro_batch_size = 8
 total_batch_tokens = 2048
 
-# 120 steps x 2,048 tokens = 246k tokens (~9% of the corpus's 2.8M training tokens)
-max_steps = 120
+# 300 steps x 2,048 tokens = 614k tokens (~22% of the corpus's 2.8M training tokens); a step is ~0.75 s on 2 cores in
+# bf16 autocast with the fused head (dtype "auto" on a CPU with AVX512-BF16/AMX; fp32 elsewhere, ~2x slower)
+max_steps = 300
 learning_rate = 2e-3               # 60-step sweeps: 5e-3 -> val 6.30, 2.5e-3 -> 6.17, 1.5e-3 -> 6.16 (BENCHMARKS.md)
 min_lr = 0.0
 warmup_steps = 10
 schedule = "wsd"
-decay_frac = 0.3                   # the last 36 steps cool down
+decay_frac = 0.3                   # the last 90 steps cool down
 decay_shape = "1-sqrt"             # Hägele et al.: 1-sqrt beats linear
 
 # two stages in the SmolLM2 spirit: mostly prose and code first, the math upsampled for the second half
 stages = [
     {"start": 0, "weights": {"prose": 0.45, "code": 0.45, "math": 0.10}},
-    {"start": 60 * 2048, "weights": {"prose": 0.35, "code": 0.35, "math": 0.30}},
+    {"start": 150 * 2048, "weights": {"prose": 0.35, "code": 0.35, "math": 0.30}},
 ]
 
-eval_interval = 30
+eval_interval = 100
 eval_batches = 2                   # 2 x 8 x 256 = 4k validation tokens per source
 checkpoint_interval = 1000         # only the final checkpoint
+log_interval = 25                  # a step line every 25 steps
 sample_prompt = "The"
 sample_tokens = 32
+# what the run learned, at the end: a method of a class, a worked problem, a docstring's prose (temperature 0.7, top_p 0.9)
+end_prompts = ["    def __init__(self",
+               "Problem: Pencils cost $3 each. Tom buys 4 pencils and pays with $20. How much change does Tom get?\nSolution:",
+               "This module provides"]
+end_tokens = 64
