@@ -53,3 +53,16 @@ def test_unknown_option_names_the_valid_ones():
 def test_wrong_type_is_an_error():
     r = run("--max_new_tokens=lots")
     assert r.returncode != 0 and "max_new_tokens must be int" in r.stderr
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--temperature=-1", "temperature=-1.0 must be >= 0"),
+    ("--top_p=0", "top_p=0.0 must be in (0, 1]"),
+    ("--top_p=1.5", "top_p=1.5 must be in (0, 1]"),
+    ("--top_k=-1", "top_k=-1 must be >= 0"),
+    ("--init_from=/missing/path", "--init_from=/missing/path: no such file or directory"),
+])
+def test_bad_values_are_one_line_errors(arg, message, tmp_path):
+    r = run(arg, f"--start=FILE:{tmp_path / 'never_read.txt'}")
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""

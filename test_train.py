@@ -13,6 +13,7 @@ import time
 import pytest
 
 import corpus
+import data
 import prepare
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -253,6 +254,15 @@ def test_no_config_defaults_are_consistent(tiny_data, tmp_path):
     evals = [r for r in records(str(tmp_path / "out")) if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 2]
     assert {k for k in evals[0] if k.startswith("val_loss/")} == {"val_loss/code", "val_loss/math", "val_loss/prose"}
+    # bits per byte: the summed loss / ln 2 over the UTF-8 bytes of the targets, here counted by decoding them
+    from tokenizer import Tokenizer
+    tok, loader = Tokenizer.from_file(str(dst)), data.MixtureLoader(str(dst), block_size=32, batch_size=4)
+    for src in ("code", "math", "prose"):
+        (_, y), = loader.val_batches(src, 1)  # the one eval batch train.py used (eval_batches=1)
+        n_bytes = sum(len(tok.decode(row.tolist(), skip_special_tokens=True).encode()) for row in y)
+        want = evals[-1][f"val_loss/{src}"] * y.numel() / math.log(2) / n_bytes
+        assert abs(evals[-1][f"val_bpb/{src}"] - want) < 0.02 * want, (src, evals[-1][f"val_bpb/{src}"], want)
+    assert evals[-1]["val_bpb"] == pytest.approx(sum(evals[-1][f"val_bpb/{s}"] for s in ("code", "math", "prose")) / 3)
     # a data_dir of the user's own is never built into by "auto": a missing one is an error with the command to fix it
     p = run(["--model=tiny", "--data_dir=data_cache/mine", "--max_steps=1"], cwd=str(tmp_path), check=False)
     assert p.returncode != 0 and "HINT: python prepare.py --out data_cache/mine" in p.stderr + p.stdout
