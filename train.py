@@ -263,7 +263,10 @@ print0(f"tokens per step: {total_batch_tokens:,} = {stage_shape(loader.stage)[1]
        f"{total_batch_tokens * max_steps / 1e9:.3g}B tokens")
 val_data = {s: loader.val_batches(s, eval_batches) for s in loader.sources}  # fixed: each rank its own, every eval the same
 from tokenizer import Tokenizer  # noqa: E402
-tokenizer = Tokenizer.from_file(data_dir)  # prepare.py keeps the tokenizer the data was encoded with
+try:
+    tokenizer = Tokenizer.from_file(data_dir)  # prepare.py keeps the tokenizer the data was encoded with
+except (OSError, ValueError) as e:
+    raise SystemExit(f"data error: {data_dir} has no usable tokenizer ({e}); prepare.py writes it beside the data")
 token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)  # (vocab,): bits per byte in evaluate()
 
 # -----------------------------------------------------------------------------
