@@ -413,9 +413,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     # only there) and scaled by the incoming gradient in backward. Per chunk one log_softmax (fp32, read straight from
     # the matmul's output) and one exp touch the (n, vocab) block; everything else is (n, C) or (vocab, C) sized.
     @staticmethod
-    def forward(ctx, h, w, targets, dtype, chunk):
-        # h (N, C), w (vocab, C), targets (N,) with -100 = no loss; matmuls in dtype, softmax and sums in fp32
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, h, w, targets, dtype, chunk, grad_enabled):
+        # h (N, C), w (vocab, C), targets (N,) with -100 = no loss; matmuls in dtype, softmax and sums in fp32.
+        # needs_input_grad is True for a parameter even under no_grad (evaluation): grad_enabled says whether it counts
+        need_dh, need_dw = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
         with torch.autocast(h.device.type, enabled=False):
             wc = w.to(dtype)
             dh = torch.empty_like(h) if need_dh else None
@@ -450,7 +451,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         dh, dw, n = ctx.saved_tensors
         scale = grad / n
         return (dh * scale.to(dh.dtype) if dh is not None else None,
-                (dw.float() * scale).to(ctx.w_dtype) if dw is not None else None, None, None, None)
+                (dw.float() * scale).to(ctx.w_dtype) if dw is not None else None, None, None, None, None)
 
 
 def fused_cross_entropy(h, w, targets, chunk: Optional[int] = None):
@@ -459,7 +460,7 @@ def fused_cross_entropy(h, w, targets, chunk: Optional[int] = None):
     # rows of 49152: 64-128 measured fastest of 64-512 on this project's CPU) and 256 MB on a GPU (few, large launches)
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else w.dtype
     chunk = chunk or max(16, (1 << (22 if h.device.type == "cpu" else 26)) // w.shape[0])
-    return _FusedLinearCrossEntropy.apply(h, w, targets, dtype, chunk)
+    return _FusedLinearCrossEntropy.apply(h, w, targets, dtype, chunk, torch.is_grad_enabled())
 
 
 # -----------------------------------------------------------------------------
