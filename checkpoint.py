@@ -290,11 +290,16 @@ def read_gguf(path: str):
 # -----------------------------------------------------------------------------
 
 
+def is_hub_id(path: str) -> bool:
+    # "owner/name", the form a Hugging Face hub id takes
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+
+
 def resolve(path: str) -> str:
     # a local file or directory, or a hub id where huggingface_hub and a network exist
     if os.path.exists(path):
         return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+    if is_hub_id(path):
         try:
             from huggingface_hub import snapshot_download
             return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
+from checkpoint import is_hub_id, latest_checkpoint, smollm2_gguf_path
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -41,7 +42,7 @@ checks = [(temperature >= 0, f"temperature={temperature} must be >= 0 (0 = greed
           (num_samples >= 1, f"num_samples={num_samples} must be >= 1"),
           (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be >= 1"),
           (dtype in ("float32", "bfloat16", "float16"), f"dtype={dtype!r} must be float32, bfloat16 or float16"),
-          (init_from == "" or os.path.exists(init_from) or (init_from.count("/") == 1 and not init_from.startswith((".", "/"))),
+          (init_from == "" or os.path.exists(init_from) or is_hub_id(init_from),
            f"--init_from={init_from}: no such file or directory (a train.py out_dir or ckpt_*.pt, a Hugging Face "
            f"directory, a .gguf file, or a hub id like HuggingFaceTB/SmolLM2-135M)")]
 for ok, message in checks:
@@ -53,7 +54,6 @@ ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def load(init_from):
     # returns (model, tokenizer) in eval mode on `device`
-    from checkpoint import latest_checkpoint, smollm2_gguf_path
     from tokenizer import Tokenizer
     if init_from == "":
         init_from = smollm2_gguf_path()

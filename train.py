@@ -241,9 +241,10 @@ def stage_shape(i):
 
 for _i in range(1, len(loader.stages)):
     # the loader starts a stage mid-batch when the shape stays; a new shape or rope theta must begin on a step boundary
-    if (stage_shape(_i)[:2] != stage_shape(_i - 1)[:2] or stage_shape(_i)[2] is not None) and stages[_i]["start"] % total_batch_tokens:
+    start = loader.stages[_i]["start"]
+    if (stage_shape(_i)[:2] != stage_shape(_i - 1)[:2] or stage_shape(_i)[2] is not None) and start % total_batch_tokens:
         raise SystemExit(f"config error: stage {_i} changes the context/batch shape or rope_theta, so its start "
-                         f"({stages[_i]['start']:,} tokens) must be a multiple of total_batch_tokens={total_batch_tokens:,}")
+                         f"({start:,} tokens) must be a multiple of total_batch_tokens={total_batch_tokens:,}")
 
 
 def accum_steps(T, B):
@@ -272,12 +273,12 @@ token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)  # (vo
 # -----------------------------------------------------------------------------
 # model: from the preset, a checkpoint of this script, or a Hugging Face / GGUF checkpoint (continued pretraining)
 torch.manual_seed(seed)  # the same initial weights on every rank
-kernels_cfg = dict(triton_rmsnorm=triton_rmsnorm, triton_rope=triton_rope, triton_attention=triton_attention,
+runtime_cfg = dict(triton_rmsnorm=triton_rmsnorm, triton_rope=triton_rope, triton_attention=triton_attention,
                    fused_head=fused_head)  # runtime switches, not weights: this run's, also over a checkpoint's
 model_name = model  # the config key; `model` becomes the module below
 if ckpt is not None or init_from.endswith(".pt"):
     src = ckpt if ckpt is not None else torch.load(init_from, map_location="cpu", weights_only=True)
-    raw_model = GPT(GPTConfig(**{**src["model_config"], **kernels_cfg}))
+    raw_model = GPT(GPTConfig(**{**src["model_config"], **runtime_cfg}))
     raw_model.load_state_dict(src["model"])
     if ckpt is None:
         print0(f"initialised from {init_from} (step {src.get('step')}): weights only, a fresh optimizer at step 0")
@@ -285,13 +286,13 @@ if ckpt is not None or init_from.endswith(".pt"):
 elif init_from != "scratch":
     if not os.path.exists(init_from):
         raise SystemExit(f"init_from={init_from!r}: not 'scratch', 'resume', or an existing .pt / .gguf / Hugging Face directory")
-    raw_model = GPT.from_pretrained(init_from, **kernels_cfg).train()
+    raw_model = GPT.from_pretrained(init_from, **runtime_cfg).train()
     print0(f"initialised from {init_from}: weights only, a fresh optimizer at step 0")
 else:
     if model_name not in PRESETS:
         raise SystemExit(f"model={model_name!r} is not a preset; choose one of {list(PRESETS)}")
     with torch.device(device):  # initialise on the GPU directly: seconds instead of a minute of CPU init for 1.7B
-        raw_model = GPT(GPTConfig(**{**PRESETS[model_name], "block_size": block_size, **model_overrides, **kernels_cfg}))
+        raw_model = GPT(GPTConfig(**{**PRESETS[model_name], "block_size": block_size, **model_overrides, **runtime_cfg}))
 if raw_model.config.vocab_size < loader.vocab_size:
     raise SystemExit(f"the model's vocab_size={raw_model.config.vocab_size} is smaller than the data's tokenizer "
                      f"({loader.vocab_size}): set model_overrides=dict(vocab_size=...) or rebuild the data")
@@ -531,10 +532,12 @@ for step in range(start_step, max_steps + 1):
             f"{s} {v[0]:.4f}" for s, v in res.items()) + (f" | swa_val_loss {rec['swa_val_loss']:.4f}" if "swa_val_loss" in rec else "")
             + f" | {time.time() - t0:.1f} s")
         log_metrics(rec)
-        # a sample at each eval; after the last step one per end prompt
-        prompts = end_prompts if (last_step and end_prompts) else [sample_prompt] if sample_prompt else []
-        for i, p in enumerate(prompts if (master_process or fsdp) else []):
-            print0(f"sample: {sample_text(step + i, p, end_tokens if p in end_prompts else sample_tokens)!r}")
+        # a sample at each eval (every rank under FSDP: generating gathers the shards); after the last step one per
+        # end prompt
+        prompts, n_tokens = (end_prompts, end_tokens) if last_step and end_prompts else ([sample_prompt], sample_tokens)
+        if master_process or fsdp:
+            for i, p in enumerate(p for p in prompts if p):
+                print0(f"sample: {sample_text(step + i, p, n_tokens)!r}")
         t_last = None  # the eval's time is not a training step's
     eval_done = False
 

@@ -18,7 +18,7 @@ micro_batch_size = 8
 total_batch_tokens = 2048
 
 # 300 steps x 2,048 tokens = 614k tokens (~22% of the corpus's 2.8M training tokens); a step is ~0.75 s on 2 cores in
-# bf16 autocast with the fused head (dtype "auto" on a CPU with AVX512-BF16/AMX; fp32 elsewhere, ~2x slower)
+# bf16 autocast with the fused head (dtype "auto" on a CPU with AVX512-BF16/AMX; fp32 elsewhere, ~1.3x slower)
 max_steps = 300
 learning_rate = 2e-3               # 60-step sweeps: 5e-3 -> val 6.30, 2.5e-3 -> 6.17, 1.5e-3 -> 6.16 (BENCHMARKS.md)
 min_lr = 0.0
