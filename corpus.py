@@ -189,6 +189,30 @@ def quickstart_math(n_docs=5_000, seed=0):
         yield text, len(text)
 
 
+def quickstart_math_mc(n_items=200, seed=10_001):
+    """A held-out 4-way multiple-choice task on the worked problems (eval.py's `quickstart_math`): the context is a
+    problem and its worked solution up to "Answer:", the choices the true answer and three near misses (its last number
+    changed by +1, -1, +10). A model that has learned to carry the solution's result into the answer line beats the
+    0.25 of chance. Another seed than the training documents, so the problems are new to the model."""
+    import re
+    rng = random.Random(seed)
+    items = []
+    while len(items) < n_items:
+        text = _math_problem(rng)
+        query, answer = text.rsplit("\nAnswer: ", 1)
+        last = list(re.finditer(r"\d+", answer))
+        if not last:
+            continue
+        m = last[-1]
+        near = [answer[:m.start()] + str(int(m.group()) + d) + answer[m.end():] for d in (1, -1, 10)]
+        if len({answer, *near}) < 4:
+            continue
+        choices = [answer, *near]
+        rng.shuffle(choices)
+        items.append((query + "\nAnswer:", choices, choices.index(answer)))
+    return items
+
+
 QUICKSTART_SOURCES = {"code": quickstart_code, "prose": quickstart_prose, "math": quickstart_math}
 
 

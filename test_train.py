@@ -41,6 +41,8 @@ sample_tokens = 8
 swa = True
 swa_window = 4
 data_dir = {data_dir!r}
+eval_tasks = [("mc:" + {eval_file!r}, 0)]  # all 13 items (a task's own limit over eval_limit)
+eval_limit = 5
 """
 
 
@@ -99,8 +101,12 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_config(tiny_data, tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tiny.py"
-    path.write_text(TINY.format(data_dir=tiny_data))
+    d = tmp_path_factory.mktemp("cfg")
+    path, items = d / "tiny.py", d / "sums.jsonl"
+    # 13 items: split 7 / 6 across two ranks
+    items.write_text("".join(json.dumps(dict(query=f"{a} + {a + 1} =", choices=[str(2 * a + 1), str(2 * a + 3), str(a)],
+                                             gold=0)) + "\n" for a in range(13)))
+    path.write_text(TINY.format(data_dir=tiny_data, eval_file=str(items)))
     return str(path)
 
 
@@ -121,6 +127,10 @@ def test_base_run_logs_and_checkpoints(base_run):
     assert [r["step"] for r in evals] == [0, 8, 16, 24]
     assert all(set(r) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mem_gib"} for r in train)
     assert all({"val_loss/code", "val_loss/prose", "val_loss/math"} <= set(r) for r in evals)
+    # the downstream task at every eval: a fraction of the 13 items, with lm-eval's stderr
+    assert all(r["eval/sums/acc"] * 13 == pytest.approx(round(r["eval/sums/acc"] * 13)) for r in evals)
+    assert all(0 <= r["eval/sums/acc_norm"] <= 1 and r["eval/sums/acc_stderr"] >= 0 for r in evals)
+    assert "eval sums | acc " in stdout
     # windowed weight averaging: evaluated beside the raw weights once a 4-step window has closed
     assert "swa_val_loss" not in evals[0] and all(math.isfinite(r["swa_val_loss"]) for r in evals[1:])
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, evals  # it learns
@@ -187,6 +197,13 @@ def test_two_processes_match_one(base_run, tiny_config, tmp_path, fsdp):
     assert sorted(one) == sorted(two)
     for s in one:
         assert two[s] == pytest.approx(one[s], rel=1e-4), (s, one[s], two[s])
+    # the eval task's 13 items split 7 / 6 and summed: the same scores (one item may flip on a near tie)
+    evals = lambda d: {r["step"]: r for r in records(d) if "val_loss" in r}
+    e1, e2 = evals(base_run[0]), evals(out)
+    assert e1[0]["eval/sums/acc"] == e2[0]["eval/sums/acc"]  # step 0: the same initial weights
+    for s in e1:
+        for m in ("acc", "acc_norm"):
+            assert abs(e1[s][f"eval/sums/{m}"] - e2[s][f"eval/sums/{m}"]) <= 1 / 13 + 1e-9, (s, m)
 
 
 def test_sigterm_then_resume_is_bitwise(base_run, tiny_config, tmp_path):

@@ -36,6 +36,10 @@ eval_batches = 20             # validation batches per source: a fixed set, so e
 checkpoint_interval = 5000    # optimizer steps between checkpoints; one is always written at the end and on SIGTERM
 keep_checkpoints = 3          # keep the newest K ckpt_*.pt in out_dir
 log_interval = 1              # optimizer steps between log lines (every line also goes to metrics.jsonl)
+eval_tasks = []               # downstream tasks at each eval (eval.py's specs: "hellaswag", "mc:file.jsonl", "bigbench:social_iqa", ...),
+                              # split across ranks, logged as eval/<task>/<metric>; ("hellaswag", 1000) gives one task its own limit
+eval_limit = 500              # the first N examples of each eval task (0 = all)
+eval_data_dir = "data_cache/eval"  # where eval.py finds the tasks' files
 sample_prompt = "The"         # the text continued at each eval ("" -> no sample)
 sample_tokens = 48            # new tokens per sample (sampled: temperature 0.7, top_p 0.9)
 end_prompts = []              # after the last step, a sample of each of these prompts instead of sample_prompt's
@@ -269,6 +273,16 @@ try:
 except (OSError, ValueError) as e:
     raise SystemExit(f"data error: {data_dir} has no usable tokenizer ({e}); prepare.py writes it beside the data")
 token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)  # (vocab,): bits per byte in evaluate()
+import eval as downstream  # noqa: E402
+eval_task_list = []  # (task, limit); a missing file fails now, not at step 1000
+for _t in eval_tasks:
+    _spec, _limit = (_t, eval_limit) if isinstance(_t, str) else tuple(_t) if len(_t) == 2 else (None, None)
+    if not (isinstance(_spec, str) and isinstance(_limit, int)):
+        raise SystemExit(f"config error: eval_tasks entries are a task name or (name, limit), got {_t!r}")
+    try:
+        eval_task_list.append((downstream.load_task(_spec, eval_data_dir), _limit))
+    except (downstream.EvalError, OSError) as e:
+        raise SystemExit(f"config error: eval_tasks: {e}")
 
 # -----------------------------------------------------------------------------
 # model: from the preset, a checkpoint of this script, or a Hugging Face / GGUF checkpoint (continued pretraining)
@@ -459,6 +473,36 @@ def evaluate():
     return out
 
 
+@torch.no_grad()
+def evaluate_tasks():
+    # eval.py's scoring of eval_tasks, each rank its share of the examples; per-example scores are summed across
+    # ranks: {task: {metric: (mean, stderr)}}. Under FSDP every shard is gathered for the duration (the scoring calls
+    # submodules directly), so ranks need not run the same number of forwards.
+    raw_model.eval()
+    sharded = [m for m in raw_model.modules() if isinstance(m, FSDPModule)] if fsdp else []
+    for m in sharded:
+        m.unshard()
+    out = {}
+    for task, limit in eval_task_list:
+        examples = downstream.task_examples(task, limit, rank, world_size)
+        scores = downstream.run_task(raw_model, tokenizer, task, examples, device=device, autocast=autocast,
+                                     progress=False)
+        names = sorted(scores)
+        sums = torch.tensor([[sum(scores[m]), sum(v * v for v in scores[m]), len(scores[m])] for m in names],
+                            dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(sums)
+        res = {}
+        for m, (s1, s2, n) in zip(names, sums.tolist()):
+            mu = s1 / n
+            res[m] = (mu, math.sqrt(max(s2 - n * mu * mu, 0.0) / (n - 1) / n) if n > 1 else float("nan"))
+        out[task.name] = res
+    for m in sharded:
+        m.reshard()
+    raw_model.train()
+    return out
+
+
 def sample_text(step, prompt, n_tokens):
     # a sampled continuation of prompt with its own generator, so the training RNG streams are untouched
     idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
@@ -531,6 +575,14 @@ for step in range(start_step, max_steps + 1):
         print0(f"step {step:6d}/{max_steps} | val_loss {rec['val_loss']:.4f} | val_bpb {rec['val_bpb']:.4f} | " + " | ".join(
             f"{s} {v[0]:.4f}" for s, v in res.items()) + (f" | swa_val_loss {rec['swa_val_loss']:.4f}" if "swa_val_loss" in rec else "")
             + f" | {time.time() - t0:.1f} s")
+        if eval_task_list:
+            t1 = time.time()
+            for task, res in evaluate_tasks().items():
+                rec.update({f"eval/{task}/{m}": v for m, (v, _) in res.items() if m != "random"})
+                rec.update({f"eval/{task}/{m}_stderr": se for m, (_, se) in res.items() if m != "random"})
+                print0(f"step {step:6d}/{max_steps} | eval {task} | " + " | ".join(
+                    f"{m} {v:.4f}" + ("" if m == "random" else f" ± {se:.4f}") for m, (v, se) in res.items())
+                    + f" | {time.time() - t1:.1f} s")
         log_metrics(rec)
         # a sample at each eval (every rank under FSDP: generating gathers the shards); after the last step one per
         # end prompt

@@ -35,6 +35,8 @@ stages = [
 
 eval_interval = 100
 eval_batches = 2                   # 2 x 8 x 256 = 4k validation tokens per source
+eval_tasks = ["quickstart_math"]   # a downstream score beside the loss: 200 held-out problems, pick the right answer of 4
+eval_limit = 200
 checkpoint_interval = 1000         # only the final checkpoint
 log_interval = 25                  # a step line every 25 steps
 sample_prompt = "The"
