@@ -29,6 +29,7 @@ from bisect import bisect_left, insort
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -353,8 +354,9 @@ def _units(requests, max_len):
     # max_len + 1 tokens; the last is only a target) and scored alone.
     groups = {}
     for r, (ctx, cont) in enumerate(requests):
-        if not cont:
-            raise ValueError(f"request {r}: an empty continuation has no log-likelihood")
+        if not 0 < len(cont) <= max_len:
+            raise ValueError(f"request {r}: a continuation of {len(cont)} tokens cannot be scored in a context of "
+                             f"{max_len} (it needs 1 to {max_len} tokens)")
         if len(ctx) + len(cont) - 1 > max_len:
             whole = (ctx + cont)[-(max_len + 1):]
             groups[("alone", r)] = (whole[:len(whole) - len(cont)], [(r, cont)])
@@ -451,6 +453,7 @@ def loglikelihoods(model, requests, batch_tokens=4096, row_len=256, device="cpu"
 def generate_until(model, tok, prompt, stop=(), max_new_tokens=256, n=1, temperature=0.0, top_p=1.0, generator=None,
                    device="cpu", autocast=None):
     # -> n completions of prompt (text), each cut before its first stop string or the end-of-text token
+    max_new_tokens = min(max_new_tokens, model.config.block_size - 1)
     ids = tok.encode(prompt)[-(model.config.block_size - max_new_tokens):]  # lm-eval cuts long prompts on the left too
     x = torch.tensor([ids] * n, dtype=torch.long, device=device)
     rows, done = [[] for _ in range(n)], [False] * n
@@ -735,7 +738,7 @@ def main(argv):
         log_samples="",      # write one JSON line per example here
     )
     configure(cfg, argv, allow_config_file=False)
-    c = type("Config", (), cfg)
+    c = SimpleNamespace(**cfg)
     if not c.tasks:
         raise EvalError(f"no --tasks given; valid: {', '.join([*SUITE, 'humaneval'])}, mc:<file.jsonl>, "
                         f"bigbench:<name or task.json>")
