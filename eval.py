@@ -327,7 +327,7 @@ def mc_requests(doc, prefix="", chat=None):
         conts = [" " + c for c in doc["choices"]]
         lengths = [len(c) for c in doc["choices"]]
     if chat is not None:  # instruct models: the question is the user's turn, the choice begins the assistant's
-        ctxs = [chat.render_chat([{"role": "user", "content": c}], add_generation_prompt=True) for c in ctxs]
+        ctxs = [chat.chat_text([{"role": "user", "content": c}], add_generation_prompt=True) for c in ctxs]
         conts = [c[1:] for c in conts]
     return list(zip(ctxs, conts)), lengths
 
@@ -632,7 +632,7 @@ def run_task(model, tok, task, examples, num_fewshot=None, chat=False, batch_tok
         else:
             prompt = doc["prompt"]
         if chat:
-            prompt = tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            prompt = tok.chat_text([{"role": "user", "content": prompt}], add_generation_prompt=True)
         n = n_samples if task.kind == "code" else 1
         completions[i] = generate_until(model, tok, prompt, task.stop, task.max_new_tokens, n,
                                         temperature if n > 1 or task.kind == "code" else 0.0, top_p, gen, device,

@@ -137,7 +137,7 @@ def test_fewshot_prompt_assembly():
 @needs_weights
 def test_chat_prompts_are_a_user_turn_and_the_choice_starts_the_reply(smol):
     reqs, lens = ev.mc_requests(ev._mc("Is water wet?", ["Yes", "No"], 0), chat=smol)
-    ctx = smol.render_chat([{"role": "user", "content": "Is water wet?"}], add_generation_prompt=True)
+    ctx = smol.chat_text([{"role": "user", "content": "Is water wet?"}], add_generation_prompt=True)
     assert reqs == [(ctx, "Yes"), (ctx, "No")] and lens == [3, 2]
     assert ctx.endswith("<|im_start|>assistant\n")
 

@@ -237,3 +237,55 @@ def test_errors(tok, tmp_path):
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([0, 49152])
     assert tok.decode([]) == ""
+
+
+# render_chat's ids: literals from transformers 5.24.0's apply_chat_template(conv, add_generation_prompt=False) on the
+# same tokenizer (saved with Tokenizer.save, loaded with AutoTokenizer), 2026-12-01
+CHAT_CONVS = {
+    "multi": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
+              {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6, of course."}],
+    "system": [{"role": "system", "content": "Answer tersely."}, {"role": "user", "content": "Capital of Japan?"},
+               {"role": "assistant", "content": "Tokyo"}],
+    "unicode": [{"role": "user", "content": "Ça va? 你好 😀"},
+                {"role": "assistant", "content": "Très bien — 谢谢! 🎉\n\n  done"}],
+    "empty": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": "ok"},
+              {"role": "assistant", "content": " leading space"}],
+}
+REF_RENDER = {
+    "multi": [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 34, 1232, 216, 34, 47, 2, 198, 1, 520, 9531, 198, 36, 30, 2, 198, 1, 4093, 198, 3528, 216, 35, 1232, 216, 35, 47, 2, 198, 1, 520, 9531, 198, 38, 28, 282, 1740, 30, 2, 198],
+    "system": [1, 9690, 198, 21350, 252, 366, 572, 30, 2, 198, 1, 4093, 198, 39832, 282, 3085, 47, 2, 198, 1, 520, 9531, 198, 2068, 17405, 2, 198],
+    "unicode": [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 142, 225, 81, 46316, 47, 216, 18645, 250, 48392, 138, 40303, 218, 2, 198, 1, 520, 9531, 198, 20141, 42623, 1632, 264, 1841, 25792, 125, 112, 179, 125, 112, 17, 15107, 232, 227, 8866, 2294, 2, 198],
+    "empty": [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 2, 198, 1, 520, 9531, 198, 2, 198, 1, 4093, 198, 2231, 2, 198, 1, 520, 9531, 198, 2899, 1898, 2, 198],
+}
+
+
+@pytest.mark.parametrize("name", list(CHAT_CONVS))
+def test_render_chat_ids_and_loss_mask(tok, name):
+    conv = CHAT_CONVS[name]
+    ids, mask = tok.render_chat(conv)
+    assert ids == REF_RENDER[name] and len(mask) == len(ids) and set(mask) <= {0, 1}
+    # trained: exactly each assistant turn's content and its <|im_end|>, in order; nothing of the system / user turns,
+    # the "<|im_start|>assistant\n" header or the newline after <|im_end|>
+    trained = [i for i, m in zip(ids, mask) if m]
+    want = [t for m in conv if m["role"] == "assistant" for t in tok.encode(m["content"]) + [tok.token_to_id("<|im_end|>")]]
+    assert trained == want
+    runs, prev = [], 0
+    for k, m in enumerate(mask):
+        if m and not prev:
+            runs.append(k)
+        prev = m
+    assert len(runs) == sum(bool(m["content"]) or True for m in conv if m["role"] == "assistant")
+    for k in runs:  # each trained run starts right after an assistant header
+        assert tok.decode(ids[:k]).endswith("<|im_start|>assistant\n")
+    assert tok.decode([ids[k] for k in range(len(ids)) if mask[k] and ids[k] == tok.token_to_id("<|im_end|>")]) \
+        == "<|im_end|>" * len(runs)
+
+
+def test_render_chat_header_merge_is_not_trained(tok):
+    # content starting with whitespace: the header's "\n" merges with it into one token, which starts in the header
+    # and so is not trained; the rest of the turn is (TRL #1820's pitfall left a whole turn untrained instead)
+    for content, trained in [("\n 4", "4"), ("  Yes", " Yes"), ("\nYes", "\nYes"), ("\n\nYes", "\nYes")]:
+        ids, mask = tok.render_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": content}])
+        assert ids == tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": content}],
+                                              add_generation_prompt=False)
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == trained + "<|im_end|>", content

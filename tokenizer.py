@@ -363,7 +363,8 @@ class Tokenizer:
         return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # -------------------------------------------------------------------------------------------------- chat template
-    def render_chat(self, messages, add_generation_prompt: bool = True) -> str:
+    def chat_text(self, messages, add_generation_prompt: bool = True) -> str:
+        # the conversation rendered by the chat template, as text (what apply_chat_template(tokenize=False) returns)
         for m in messages:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise ValueError(f"each message must be a dict with str 'role' and 'content', got {m!r}")
@@ -379,8 +380,47 @@ class Tokenizer:
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True):
         # Render to text, then encode it as one string with special tokens recognised: exactly what transformers'
         # apply_chat_template does, so the ids match it token for token (checked in test_tokenizer.py).
-        text = self.render_chat(messages, add_generation_prompt)
+        text = self.chat_text(messages, add_generation_prompt)
         return self.encode(text) if tokenize else text
+
+    def render_chat(self, messages):
+        # A training conversation -> (ids, mask), lists of equal length. ids are apply_chat_template(messages,
+        # add_generation_prompt=False)'s; mask is 1 on each assistant turn's content and the end-of-turn token that
+        # closes it (<|im_end|>), 0 on system and user turns, the "<|im_start|>assistant\n" header and the newline
+        # after <|im_end|>. The spans come from the text (each assistant turn starts where the template's generation
+        # prompt for it ends), and a token is trained when its first byte lies in one: a token that merges the header's
+        # newline with the content's first characters is not (it starts in the header).
+        text = self.chat_text(messages, add_generation_prompt=False)
+        spans = []  # byte ranges of the trained text
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            head = self.chat_text(messages[:i], add_generation_prompt=True)
+            end_mark = text[len(head) + len(m["content"]):]
+            if not (text.startswith(head) and text.startswith(m["content"], len(head))):
+                raise ValueError("this chat template does not render an assistant turn after its generation prompt; "
+                                 "loss masks need a ChatML-like template")
+            close = "<|im_end|>" if end_mark.startswith("<|im_end|>") else ""
+            a = len(head.encode("utf-8"))
+            spans.append((a, a + len((m["content"] + close).encode("utf-8"))))
+        ids = self.encode(text)
+        nbytes = self._id_nbytes()
+        mask, at = [], 0
+        for t in ids:
+            mask.append(int(any(a <= at < b for a, b in spans)))
+            at += nbytes[t]
+        if at != len(text.encode("utf-8")):  # cannot happen for a byte-level BPE; a guard against silent misalignment
+            raise ValueError("token bytes do not add up to the rendered conversation; cannot place the loss mask")
+        return ids, mask
+
+    def _id_nbytes(self):
+        # UTF-8 bytes each id spells, special tokens included (their text): token offsets in render_chat
+        if not hasattr(self, "_nbytes"):
+            lens = self.token_byte_lengths()
+            for i in self.special_ids:
+                lens[i] = len(self._id_to_token[i].encode("utf-8"))
+            self._nbytes = lens
+        return self._nbytes
 
     # ------------------------------------------------------------------------------------------------ tiktoken path
     def _build_tiktoken(self):
