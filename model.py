@@ -299,15 +299,25 @@ class GPT(nn.Module):
                 x = layer(x, cos, sin, pos, mask)
         return self.norm(x)
 
-    def forward(self, idx, targets=None):
-        # -> (logits (B, T, vocab), mean cross-entropy over targets != -100); logits are None with fused_head and targets
-        h = self.hidden_states(idx)  # (B, T, C)
+    def forward(self, idx, targets=None, positions=None, mask=None, reduction="mean"):
+        # -> (logits (B, T, vocab), the cross-entropy of targets != -100); logits are None with fused_head and targets.
+        # reduction "mean" (over the targets), "sum" (0 with no target: post-training divides by the global batch's
+        # count), or "rows": the summed log-probability of each row's targets (B,) (DPO), with the head applied to the
+        # target positions only. positions / mask: packed sequences (hidden_states).
+        h = self.hidden_states(idx, positions=positions, mask=mask)  # (B, T, C)
+        if targets is not None and reduction == "rows":
+            sel = targets != -100
+            logp = F.log_softmax(self.output(h[sel]).float(), dim=-1)  # (targets, vocab)
+            tok_logp = logp.gather(1, targets[sel][:, None])[:, 0]
+            row = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(targets)[sel]
+            return None, torch.zeros(idx.shape[0], device=idx.device, dtype=torch.float32).index_add(0, row, tok_logp)
         if targets is not None and self.config.fused_head:
-            return None, fused_cross_entropy(h.flatten(0, 1), self.output.weight, targets.reshape(-1))
+            return None, fused_cross_entropy(h.flatten(0, 1), self.output.weight, targets.reshape(-1), reduction=reduction)
         logits = self.output(h)  # (B, T, vocab)
         loss = None
         if targets is not None:  # fp32 softmax even under bf16 autocast
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                                   reduction=reduction)
         return logits, loss
 
     # ------------------------------------------------------------------ optimisation and accounting
@@ -463,7 +473,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     # only there) and scaled by the incoming gradient in backward. Per chunk one log_softmax (fp32, read straight from
     # the matmul's output) and one exp touch the (n, vocab) block; everything else is (n, C) or (vocab, C) sized.
     @staticmethod
-    def forward(ctx, h, w, targets, dtype, chunk, grad_enabled):
+    def forward(ctx, h, w, targets, dtype, chunk, grad_enabled, reduction):
         # h (N, C), w (vocab, C), targets (N,) with -100 = no loss; matmuls in dtype, softmax and sums in fp32.
         # needs_input_grad is True for a parameter even under no_grad (evaluation): grad_enabled says whether it counts
         need_dh, need_dw = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
@@ -491,7 +501,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     dh[s:s + chunk] = (g @ wc) * valid  # ignored rows: no gradient
                 if need_dw:
                     dw.addmm_(g.t(), hc * valid)  # (vocab, C)
-            n = (targets != -100).sum()  # 0 -> nan, as F.cross_entropy
+            # mean: 0 targets -> nan, as F.cross_entropy; sum: 0, with zero gradients
+            n = (targets != -100).sum() if reduction == "mean" else torch.ones((), device=h.device)
             ctx.save_for_backward(dh, dw, n)
             ctx.w_dtype = w.dtype
         return total / n
@@ -501,16 +512,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         dh, dw, n = ctx.saved_tensors
         scale = grad / n
         return (dh * scale.to(dh.dtype) if dh is not None else None,
-                (dw.float() * scale).to(ctx.w_dtype) if dw is not None else None, None, None, None, None)
+                (dw.float() * scale).to(ctx.w_dtype) if dw is not None else None, None, None, None, None, None)
 
 
-def fused_cross_entropy(h, w, targets, chunk: Optional[int] = None):
+def fused_cross_entropy(h, w, targets, chunk: Optional[int] = None, reduction: str = "mean"):
     # == F.cross_entropy((h @ w.T).float(), targets, ignore_index=-100), also under autocast (matmuls in its dtype).
     # chunk: rows at a time; the default keeps a chunk's fp32 log-probabilities near 16 MB on a CPU (cache-sized: 85
     # rows of 49152: 64-128 measured fastest of 64-512 on this project's CPU) and 256 MB on a GPU (few, large launches)
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else w.dtype
     chunk = chunk or max(16, (1 << (22 if h.device.type == "cpu" else 26)) // w.shape[0])
-    return _FusedLinearCrossEntropy.apply(h, w, targets, dtype, chunk, torch.is_grad_enabled())
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: mean or sum")
+    return _FusedLinearCrossEntropy.apply(h, w, targets, dtype, chunk, torch.is_grad_enabled(), reduction)
 
 
 # -----------------------------------------------------------------------------
@@ -520,6 +533,13 @@ def fused_cross_entropy(h, w, targets, chunk: Optional[int] = None):
 PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12),
               ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
               ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+
+
+def document_mask(doc):
+    # doc (B, T) conversation numbers of packed rows (-1: padding) -> (B, T, T) causal attention within each one
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return causal & (doc[:, :, None] == doc[:, None, :])
 
 
 def peak_flops(device_name: str) -> Optional[float]:
