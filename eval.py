@@ -52,6 +52,7 @@ class Task:
     num_fewshot: int = 0           # the task's default
     stop: tuple = ()               # generation stop strings
     max_new_tokens: int = 256
+    match: str = "number"          # "gen": exact match of the final number (GSM8K) or of the whole stripped answer
 
 
 def _read_rows(path):
@@ -271,6 +272,10 @@ def humaneval_task():
 
 
 def load_task(spec, data_dir="data_cache/eval"):
+    if spec == "chat_demo":  # embedded (corpus.py): the post-training demo's held-out questions; run with --chat=True
+        import corpus
+        docs = [dict(query=q, target=a, answer=a) for q, a, _ in corpus.chat_demo(200, 2)]
+        return Task(spec, "gen", docs, docs, 0, stop=("<|im_end|>", "\n"), max_new_tokens=24, match="exact")
     if spec == "quickstart_math":  # embedded (corpus.py): what configs/quickstart.py evaluates, no files needed
         import corpus
         docs = [_mc(q, c, g) for q, c, g in corpus.quickstart_math_mc()]
@@ -282,7 +287,7 @@ def load_task(spec, data_dir="data_cache/eval"):
     if spec == "humaneval":
         return humaneval_task()
     if spec not in SUITE:
-        raise EvalError(f"unknown task {spec!r}; valid: {', '.join([*SUITE, 'humaneval', 'quickstart_math'])}, "
+        raise EvalError(f"unknown task {spec!r}; valid: {', '.join([*SUITE, 'humaneval', 'quickstart_math', 'chat_demo'])}, "
                         f"mc:<file.jsonl>, bigbench:<name or task.json>")
     hub, config, split, convert, fewshot_split, shots = SUITE[spec]
     docs = [convert(r) for r in _suite_rows(spec, split, data_dir)]
@@ -645,8 +650,8 @@ def run_task(model, tok, task, examples, num_fewshot=None, chat=False, batch_tok
     if task.kind == "gen":
         for i in examples:
             doc, out = task.docs[i], completions[i][0]
-            pred = gsm8k_extract(out)
-            ok = float(pred != "" and pred == gsm8k_extract(doc["answer"]))
+            pred = gsm8k_extract(out) if task.match == "number" else out.strip()
+            ok = float(pred != "" and pred == (gsm8k_extract(doc["answer"]) if task.match == "number" else doc["answer"]))
             scores["exact_match"].append(ok)
             if log:
                 log(dict(task=task.name, example=i, query=doc["query"], generation=out, pred=pred, answer=doc["answer"],

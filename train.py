@@ -25,6 +25,7 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # default config values: the SmolLM2-135M recipe (REFERENCE.md §3); configs/*.py and --key=value change them
@@ -47,6 +48,16 @@ end_tokens = 96               # new tokens per end sample
 wandb_log = False             # log to Weights & Biases too (imported lazily, rank 0 only)
 wandb_project = "nanosmol"
 wandb_run_name = ""           # "" -> the basename of out_dir
+# objective: "pretrain" (next-token loss over every token of the mixture), "sft" (chat data from prepare.py --chat sft:
+# whole conversations packed into rows, attention and positions per conversation, the loss on assistant tokens as the
+# mean over the global batch's trained tokens) or "dpo" (preference pairs from prepare.py --chat dpo)
+objective = "pretrain"
+epochs = 0.0                  # sft / dpo: the run's length in passes over the data (0: max_steps decides)
+batch_pairs = 128             # dpo: preference pairs per optimizer step (global); micro_batch_size pairs per rank and micro step
+dpo_beta = 0.5                # dpo: the sigmoid loss -logsigmoid(beta * (chosen log-ratio - rejected log-ratio))
+dpo_label_smoothing = 0.0     # dpo: cDPO's robust variant (0 = the plain sigmoid loss)
+dpo_reference = "precompute"  # dpo: the frozen reference's log-probabilities computed once at the start and stored in
+                              # out_dir ("precompute"), or by a frozen copy of the initial model at every step ("online")
 # data
 data_dir = "data_cache/quickstart"  # a directory built by prepare.py (its manifest names the sources and the tokenizer)
 data_prepare = "auto"         # a prepare.py preset to build into data_dir first when incomplete (rank 0); "auto": the
@@ -78,6 +89,7 @@ grad_clip = 1.0               # global grad-norm clip (0 = off)
 max_steps = 2000000           # optimizer steps; the schedule is derived from it
 schedule = "wsd"              # "wsd" (warmup-stable-decay, nanotron / Hägele et al.) or "cosine"
 warmup_steps = 2000           # linear warmup
+warmup_frac = 0.0             # > 0: warmup_steps = this fraction of max_steps (post-training recipes: 0.1)
 decay_frac = 0.2              # WSD: the last fraction of max_steps decays to min_lr
 decay_shape = "linear"        # WSD decay: "linear", "1-sqrt" (Hägele et al.: better than linear) or "cosine"
 # weight averaging
@@ -108,6 +120,14 @@ for _k in ("max_steps", "eval_interval", "checkpoint_interval", "keep_checkpoint
            "block_size", "total_batch_tokens", "swa_window", "max_nonfinite_steps"):
     if config[_k] <= 0:
         raise SystemExit(f"config error: {_k} must be positive, got {config[_k]}")
+if objective not in ("pretrain", "sft", "dpo") or dpo_reference not in ("precompute", "online"):
+    raise SystemExit(f"config error: objective={objective!r} must be pretrain, sft or dpo; dpo_reference={dpo_reference!r} "
+                     f"precompute or online")
+if objective != "pretrain" and (stages is not None or data_prepare not in ("", "auto", "chat_demo")):
+    raise SystemExit(f"config error: objective={objective!r} reads one chat directory (prepare.py --chat): stages and "
+                     f"data_prepare are for pretraining")
+if objective == "dpo" and init_from == "scratch":
+    raise SystemExit("config error: objective='dpo' starts from a trained (SFT) model: set init_from")
 if not 0 <= decay_frac <= 1:
     raise SystemExit(f"config error: decay_frac must be in [0, 1], got {decay_frac}")
 if stages is not None and not (stages and all(isinstance(s, dict) and "weights" in s for s in stages)):
@@ -191,7 +211,7 @@ if master_process:
         json.dump(config, _f, indent=2)
 
 import data  # noqa: E402 (after the config, so that `python train.py --bad_key` fails fast)
-from model import GPT, GPTConfig, PRESETS, peak_flops  # noqa: E402
+from model import GPT, GPTConfig, PRESETS, document_mask, peak_flops  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # checkpoints: find the one to resume from before anything else, since it carries the model shape and the step
@@ -218,20 +238,26 @@ if init_from == "resume":
 # -----------------------------------------------------------------------------
 # data: the staged mixture (data.py), which resolves each stage's block_size and batch size. A stage's rope_theta is
 # the model's business (apply_stage below), not the loader's.
-if data_prepare == "auto":
+if data_prepare == "auto" and objective == "pretrain":
     import corpus
     data_prepare = "quickstart" if os.path.normpath(data_dir) == os.path.normpath(corpus.QUICKSTART_DIR) else ""
-if data_prepare and master_process:
+if data_prepare and data_prepare != "auto" and master_process:
     import prepare
     try:
-        prepare.prepare_preset(data_prepare, data_dir)  # returns at once when data_dir already holds the complete corpus
+        # returns at once when data_dir already holds the complete corpus; the chat demo's sft/ and dpo/ share a parent
+        prepare.prepare_preset(data_prepare, os.path.dirname(os.path.normpath(data_dir)) if data_prepare == "chat_demo" else data_dir)
     except data.DataError as e:
         raise SystemExit(f"data error: {e}")
 barrier()
 try:
-    loader = data.MixtureLoader(data_dir, block_size=block_size, batch_size=micro_batch_size, rank=rank,
-                                world_size=world_size, seed=seed,
-                                stages=stages and [{k: v for k, v in s.items() if k != "rope_theta"} for s in stages])
+    if objective == "pretrain":
+        loader = data.MixtureLoader(data_dir, block_size=block_size, batch_size=micro_batch_size, rank=rank,
+                                    world_size=world_size, seed=seed,
+                                    stages=stages and [{k: v for k, v in s.items() if k != "rope_theta"} for s in stages])
+    else:  # chat.py's loaders: one stage, one "source" (the chat data), the same interface here
+        import chat
+        loader = (chat.SFTLoader(data_dir, block_size, micro_batch_size, rank, world_size, seed) if objective == "sft"
+                  else chat.PairLoader(data_dir, micro_batch_size, rank, world_size, seed))
     if ckpt is not None:
         loader.load_state_dict(ckpt["loader"][rank if ckpt["world_size"] == world_size else 0])
 except data.DataError as e:
@@ -252,7 +278,12 @@ for _i in range(1, len(loader.stages)):
 
 
 def accum_steps(T, B):
-    # gradient accumulation so that every optimizer step sees total_batch_tokens at any world size (llm.c)
+    # gradient accumulation so that every optimizer step sees total_batch_tokens at any world size (llm.c); dpo:
+    # batch_pairs
+    if objective == "dpo":
+        if batch_pairs % (B * world_size):
+            raise SystemExit(f"batch_pairs={batch_pairs} is not a multiple of micro_batch_size*world_size = {B}*{world_size}")
+        return batch_pairs // (B * world_size)
     per_micro = B * T * world_size
     if total_batch_tokens % per_micro:
         raise SystemExit(f"total_batch_tokens={total_batch_tokens} is not a multiple of micro_batch_size*block_size*world_size "
@@ -263,9 +294,20 @@ def accum_steps(T, B):
 for _i in range(len(loader.stages)):
     accum_steps(*stage_shape(_i)[:2])  # fail now, not when stage 3 begins
 grad_accum_steps = accum_steps(*stage_shape(loader.stage)[:2])
-print0(f"tokens per step: {total_batch_tokens:,} = {stage_shape(loader.stage)[1]} seqs x {stage_shape(loader.stage)[0]} "
-       f"tokens x {world_size} ranks x {grad_accum_steps} accumulation steps; {max_steps:,} steps = "
-       f"{total_batch_tokens * max_steps / 1e9:.3g}B tokens")
+if objective != "pretrain" and epochs > 0:  # the length in passes over the data (an epoch's remainder is dropped)
+    per_step = grad_accum_steps * world_size * micro_batch_size  # rows (sft) or pairs (dpo) per optimizer step
+    max_steps = config["max_steps"] = max(1, int(epochs * loader.items_per_epoch) // per_step)
+    print0(f"epochs={epochs}: {loader.items_per_epoch:,} {'rows' if objective == 'sft' else 'pairs'} per epoch, "
+           f"{per_step} per step -> max_steps={max_steps}")
+if warmup_frac > 0:
+    warmup_steps = config["warmup_steps"] = max(1, round(warmup_frac * max_steps))
+if objective == "dpo":
+    print0(f"pairs per step: {batch_pairs} = {micro_batch_size} x {world_size} ranks x {grad_accum_steps} accumulation "
+           f"steps; {max_steps:,} steps")
+else:
+    print0(f"tokens per step: {total_batch_tokens:,} = {stage_shape(loader.stage)[1]} seqs x {stage_shape(loader.stage)[0]} "
+           f"tokens x {world_size} ranks x {grad_accum_steps} accumulation steps; {max_steps:,} steps = "
+           f"{total_batch_tokens * max_steps / 1e9:.3g}B tokens")
 val_data = {s: loader.val_batches(s, eval_batches) for s in loader.sources}  # fixed: each rank its own, every eval the same
 from tokenizer import Tokenizer  # noqa: E402
 try:
@@ -290,6 +332,8 @@ torch.manual_seed(seed)  # the same initial weights on every rank
 runtime_cfg = dict(triton_rmsnorm=triton_rmsnorm, triton_rope=triton_rope, triton_attention=triton_attention,
                    fused_head=fused_head)  # runtime switches, not weights: this run's, also over a checkpoint's
 model_name = model  # the config key; `model` becomes the module below
+if ckpt is None and os.path.isdir(init_from) and checkpoint.latest_checkpoint(init_from):
+    init_from = checkpoint.latest_checkpoint(init_from)  # a train.py out_dir: its newest checkpoint (sft -> dpo)
 if ckpt is not None or init_from.endswith(".pt"):
     src = ckpt if ckpt is not None else torch.load(init_from, map_location="cpu", weights_only=True)
     raw_model = GPT(GPTConfig(**{**src["model_config"], **runtime_cfg}))
@@ -298,8 +342,9 @@ if ckpt is not None or init_from.endswith(".pt"):
         print0(f"initialised from {init_from} (step {src.get('step')}): weights only, a fresh optimizer at step 0")
     del src
 elif init_from != "scratch":
-    if not os.path.exists(init_from):
-        raise SystemExit(f"init_from={init_from!r}: not 'scratch', 'resume', or an existing .pt / .gguf / Hugging Face directory")
+    if not (os.path.exists(init_from) or checkpoint.is_hub_id(init_from)):
+        raise SystemExit(f"init_from={init_from!r}: not 'scratch', 'resume', or an existing .pt / .gguf / Hugging Face "
+                         f"directory / train.py out_dir / hub id")
     raw_model = GPT.from_pretrained(init_from, **runtime_cfg).train()
     print0(f"initialised from {init_from}: weights only, a fresh optimizer at step 0")
 else:
@@ -307,9 +352,9 @@ else:
         raise SystemExit(f"model={model_name!r} is not a preset; choose one of {list(PRESETS)}")
     with torch.device(device):  # initialise on the GPU directly: seconds instead of a minute of CPU init for 1.7B
         raw_model = GPT(GPTConfig(**{**PRESETS[model_name], "block_size": block_size, **model_overrides, **runtime_cfg}))
-if raw_model.config.vocab_size < loader.vocab_size:
+if raw_model.config.vocab_size < tokenizer.vocab_size:
     raise SystemExit(f"the model's vocab_size={raw_model.config.vocab_size} is smaller than the data's tokenizer "
-                     f"({loader.vocab_size}): set model_overrides=dict(vocab_size=...) or rebuild the data")
+                     f"({tokenizer.vocab_size}): set model_overrides=dict(vocab_size=...) or rebuild the data")
 raw_model.to(device)
 raw_model.activation_checkpointing = activation_checkpointing
 print0(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(non_embedding=True):,} without the "
@@ -326,6 +371,64 @@ def apply_stage(i):
 
 current_stage = loader.stage
 apply_stage(current_stage)
+
+# dpo: the frozen reference is the initial model (the SFT model: init_from, also when this run resumes)
+ref_logps, ref_model = None, None
+if objective == "dpo":
+    ref_path = os.path.join(out_dir, "dpo_reference.pt")
+    if dpo_reference == "online":
+        ref_src = ckpt["config"]["init_from"] if ckpt is not None else init_from
+        ref_model = GPT.load(ref_src)[0].to(device).eval().requires_grad_(False)
+    elif ckpt is not None:
+        ref_logps = torch.load(ref_path, map_location="cpu", weights_only=True)
+        if ref_logps["tokenizer"] != loader.meta["tokenizer"] or ref_logps["train"].shape[0] != loader.n_pairs["train"]:
+            raise SystemExit(f"{ref_path} does not belong to {data_dir}'s pairs: resume with the data it was made for")
+    else:
+        # the reference log-probabilities of every train and val pair, before the first step: each rank its share,
+        # summed across ranks (before any wrapping, so ranks need not run the same number of forwards)
+        t0 = time.time()
+        raw_model.eval()
+        ref_logps = {"tokenizer": loader.meta["tokenizer"]}
+        for split in ("train", "val"):
+            out = torch.zeros(loader.n_pairs[split], 2, dtype=torch.float64, device=device)
+            mine = list(range(rank, loader.n_pairs[split], world_size))
+            with torch.no_grad():
+                for i in range(0, len(mine), micro_batch_size):
+                    x, y, idx = loader.batch(split, mine[i:i + micro_batch_size])
+                    with autocast:
+                        _, lp = raw_model(x.to(device), y.to(device), reduction="rows")
+                    out[idx.to(device)] = lp.view(-1, 2).double()
+            if ddp:
+                dist.all_reduce(out)
+            ref_logps[split] = out.cpu()
+        raw_model.train()
+        if master_process:
+            torch.save(ref_logps, ref_path)
+        print0(f"dpo: reference log-probabilities of {loader.n_pairs['train']:,} train and {loader.n_pairs['val']:,} val "
+               f"pairs computed and stored in {ref_path} ({time.time() - t0:.1f} s)")
+
+
+def dpo_loss(x, y, idx, split):
+    # the sigmoid DPO loss of a micro-batch of pairs (rows 2i / 2i+1 chosen / rejected), the mean over its pairs, and
+    # the sums TRL logs: rewards are beta * (policy - reference) log-probability of the response
+    _, lp = model(x, y, reduction="rows")
+    lp = lp.view(-1, 2)  # (pairs, chosen / rejected)
+    if ref_model is not None:
+        with torch.no_grad():
+            ref = ref_model(x, y, reduction="rows")[1].view(-1, 2)
+    else:
+        ref = ref_logps[split][idx].to(device=lp.device, dtype=lp.dtype)
+    rewards = dpo_beta * (lp - ref)  # (pairs, 2)
+    logits = rewards[:, 0] - rewards[:, 1]
+    losses = (-F.logsigmoid(logits) * (1 - dpo_label_smoothing) - F.logsigmoid(-logits) * dpo_label_smoothing)
+    r = rewards.detach().double()
+    stats = torch.stack([losses.detach().double().sum(), r[:, 0].sum(), r[:, 1].sum(), (r[:, 0] - r[:, 1]).sum(),
+                         (r[:, 0] > r[:, 1]).double().sum(), torch.tensor(float(len(r)), device=r.device,
+                                                                            dtype=torch.float64)])
+    return losses.mean(), stats
+
+
+DPO_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 # wrap: torch.compile, then DDP (replicas, gradients all-reduced in backward) or FSDP2 (sharded per block)
 model = raw_model
@@ -456,21 +559,40 @@ def evaluate():
     # per source, over its fixed validation batches (each rank holds its own, disjoint share): {source: (mean loss in
     # nats per token, bits per byte)}. Bits per byte = the summed loss / ln 2 / the UTF-8 bytes the targets stand for:
     # it does not depend on the tokenizer, so runs with different tokenizers compare.
+    # sft: the mean over the trained tokens of all batches (and their bytes). dpo: {"pairs": (DPO loss, nan)} and the
+    # reward statistics in dpo_val
     model.eval()
     out = {}
     for src, batches in val_data.items():
-        tot = torch.zeros(4, dtype=torch.float64, device=device)  # (sum of batch losses, batches, summed nats, bytes)
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
+        tot = torch.zeros(5, dtype=torch.float64, device=device)  # (sum of batch means, batches, nats, targets, bytes)
+        stats = torch.zeros(6, dtype=torch.float64, device=device)
+        for batch in batches:
+            batch = [t.to(device) for t in batch]
             with autocast:
-                _, loss = model(x, y)
-            loss = loss.double()
-            tot += torch.stack([loss, torch.ones_like(loss), loss * y.numel(), token_bytes[y].sum().double()])
+                if objective == "dpo":
+                    stats += dpo_loss(*batch, "val")[1]
+                    continue
+                x, y = batch[0], batch[1]
+                pos, mask = (batch[2], document_mask(batch[3])) if objective == "sft" else (None, None)
+                _, nats = model(x, y, pos, mask, reduction="sum")
+            nats, n = nats.double(), (y != -100).sum().double()
+            tot += torch.stack([nats / n.clamp(min=1), torch.ones_like(n), nats, n,
+                                token_bytes[y.clamp(min=0)][y != -100].sum().double()])
         if ddp:
             dist.all_reduce(tot)
-        out[src] = ((tot[0] / tot[1]).item(), (tot[2] / (math.log(2) * tot[3])).item())  # CPU-GPU sync
+            dist.all_reduce(stats)
+        if objective == "dpo":
+            global dpo_val
+            dpo_val = {k: (stats[i] / stats[5]).item() for i, k in enumerate(DPO_STATS)}
+            out[src] = (dpo_val["loss"], float("nan"))
+            continue
+        loss = tot[0] / tot[1] if objective == "pretrain" else tot[2] / tot[3]  # equal-sized batches / a token mean
+        out[src] = (loss.item(), (tot[2] / (math.log(2) * tot[4])).item())  # CPU-GPU sync
     model.train()
     return out
+
+
+dpo_val = {}
 
 
 @torch.no_grad()
@@ -566,15 +688,18 @@ for step in range(start_step, max_steps + 1):
         res = evaluate()  # {source: (val loss, val bpb)}
         mean = lambda i, r: sum(v[i] for v in r.values()) / len(r)  # over sources, each weighted equally
         rec = {"step": step, "val_loss": mean(0, res), "val_bpb": mean(1, res), **{f"val_loss/{s}": v[0] for s, v in res.items()},
-               **{f"val_bpb/{s}": v[1] for s, v in res.items()}}
+               **{f"val_bpb/{s}": v[1] for s, v in res.items()}, **{f"val_{k}": v for k, v in dpo_val.items() if k != "loss"}}
         if swa and swa_avg is not None:
             swap_swa()
             swa_res = evaluate()
             rec["swa_val_loss"], rec["swa_val_bpb"] = mean(0, swa_res), mean(1, swa_res)
             swap_swa()
-        print0(f"step {step:6d}/{max_steps} | val_loss {rec['val_loss']:.4f} | val_bpb {rec['val_bpb']:.4f} | " + " | ".join(
+        if objective == "dpo":  # no bits per byte: the loss is not a likelihood
+            rec = {k: v for k, v in rec.items() if "bpb" not in k}
+        print0(f"step {step:6d}/{max_steps} | val_loss {rec['val_loss']:.4f} | "
+               + (f"val_bpb {rec['val_bpb']:.4f} | " if "val_bpb" in rec else "") + " | ".join(
             f"{s} {v[0]:.4f}" for s, v in res.items()) + (f" | swa_val_loss {rec['swa_val_loss']:.4f}" if "swa_val_loss" in rec else "")
-            + f" | {time.time() - t0:.1f} s")
+            + "".join(f" | val {k} {v:.3f}" for k, v in dpo_val.items() if k != "loss") + f" | {time.time() - t0:.1f} s")
         if eval_task_list:
             t1 = time.time()
             for task, res in evaluate_tasks().items():
@@ -604,10 +729,21 @@ for step in range(start_step, max_steps + 1):
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_accum = torch.zeros((), device=device)
+    dpo_stats = torch.zeros(6, dtype=torch.float64, device=device)
     micro_step = 0
+    if objective == "sft":
+        # the loss is the mean over the trained tokens of the whole global batch, so each micro-batch's summed loss is
+        # divided by that count (all ranks, all micro-batches: known before the first backward). DDP and FSDP average
+        # gradients over ranks, hence the world_size factor. A micro-batch without a trained token adds 0, not NaN.
+        sft_batches = [loader.next_batch() for _ in range(grad_accum_steps)]
+        n_trained = torch.tensor(float(sum(int((b[1] != -100).sum()) for b in sft_batches)), device=device)
+        if ddp:
+            dist.all_reduce(n_trained)
+        n_trained = n_trained.clamp(min=1)
     while micro_step < grad_accum_steps:
-        x, y = loader.next_batch()
-        if loader.stage != current_stage:
+        batch = sft_batches[micro_step] if objective == "sft" else loader.next_batch()
+        x, y = batch[0], batch[1]
+        if objective == "pretrain" and loader.stage != current_stage:
             # a new data stage (the loader switches the weights, possibly mid-batch); a new context length, micro
             # batch or rope theta is ours, with the accumulation that keeps total_batch_tokens per step
             T_new, B_new, theta_new = stage_shape(loader.stage)
@@ -630,14 +766,24 @@ for step in range(start_step, max_steps + 1):
         if fsdp:
             raw_model.set_requires_gradient_sync(last_micro)  # reduce-scatter only on the last micro step
         with autocast:
-            _, loss = model(x, y)
-        loss = loss / grad_accum_steps  # the gradient of the mean over the whole global batch
+            if objective == "pretrain":
+                _, loss = model(x, y)
+                loss = loss / grad_accum_steps  # the gradient of the mean over the whole global batch
+            elif objective == "sft":
+                _, loss = model(x, y, batch[2].to(device), document_mask(batch[3].to(device)), reduction="sum")
+                loss = loss * world_size / n_trained
+            else:
+                loss, st = dpo_loss(x, y, batch[2], "train")
+                loss = loss / grad_accum_steps  # the mean over the global batch's pairs
+                dpo_stats += st
         loss_accum += loss.detach()
         loss.backward()
         micro_step += 1
     if ddp:
         dist.all_reduce(loss_accum)  # gloo has no AVG: sum, then divide
         loss_accum /= world_size
+        if objective == "dpo":
+            dist.all_reduce(dpo_stats)
     if grad_clip > 0:
         norm = checkpoint.to_full(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip))
     else:
@@ -652,7 +798,7 @@ for step in range(start_step, max_steps + 1):
         nonfinite_run += 1
     optimizer.zero_grad(set_to_none=True)
     # --------------- TRAINING SECTION END ---------------
-    tokens_seen += total_batch_tokens
+    tokens_seen += total_batch_tokens if objective != "dpo" else 0
 
     if swa and finite:
         # windowed average (Hägele et al. §5): the mean of the weights after each step of a swa_window-step window
@@ -683,12 +829,17 @@ for step in range(start_step, max_steps + 1):
             sys.exit(1)
         continue
     if step % log_interval == 0 or step == max_steps - 1:
-        tps = total_batch_tokens / dt if dt else None
+        tps = total_batch_tokens / dt if dt and objective != "dpo" else None
         mfu = flops_per_token * tps / (PEAK * world_size) if (tps and PEAK) else None
         rec = {"step": step, "loss": loss_f, "lr": lr, "grad_norm": norm_f, "ms": dt * 1000 if dt else None,
                "tokens_per_s": tps, "mfu": mfu, "mem_gib": memory_gib(), "tokens": tokens_seen, "stage": current_stage}
+        if objective == "dpo":
+            rec.update({k: (dpo_stats[i] / dpo_stats[5]).item() for i, k in enumerate(DPO_STATS) if i})
+            rec.update(tokens_per_s=None, mfu=None)
         print0(f"step {step:6d}/{max_steps} | loss {loss_f:.4f} | lr {lr:.2e} | norm {norm_f:.3f} | "
-               + (f"{dt * 1000:.1f} ms | {tps / 1e6:.3f}M tok/s | " if dt and tps >= 1e5 else f"{dt * 1000:.1f} ms | {tps:,.0f} tok/s | " if dt else "- ms | - tok/s | ")
+               + (f"{dt * 1000:.1f} ms | {tps / 1e6:.3f}M tok/s | " if tps and tps >= 1e5 else f"{dt * 1000:.1f} ms | {tps:,.0f} tok/s | " if tps
+                  else f"{dt * 1000:.1f} ms | " if dt else "- ms | ")
+               + ("".join(f"{k.split('/')[1]} {rec[k]:.3f} | " for k in DPO_STATS[1:] if k in rec))
                + (f"mfu {100 * mfu:.1f}% | " if mfu is not None else "mfu - | ") + f"mem {rec['mem_gib']:.2f}GiB")
         log_metrics(rec)
 

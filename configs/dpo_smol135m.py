@@ -1,0 +1,29 @@
+# DPO of the SFT model on UltraFeedback (binarized, train_prefs), the SmolLM2-135M-Instruct recipe
+# (alignment-handbook recipes/smollm2/dpo; REFERENCE.md §4): beta 0.5, LR 1e-6, 128 pairs per step, sequences up to
+# 1024 tokens, cosine with 10% warmup, 2 epochs; the reference is the SFT model (its log-probabilities precomputed).
+# Data (on a machine with a network), then prepare and launch (after configs/sft_smol135m.py):
+#   hf download HuggingFaceH4/ultrafeedback_binarized --repo-type dataset --include 'data/train_prefs*' \
+#       --local-dir /data/ultrafeedback
+#   python prepare.py --chat dpo --out data_cache/ultrafeedback --tokenizer data_cache/smol-smoltalk \
+#       --source /data/ultrafeedback/data --max_len 1024
+#   torchrun --standalone --nproc_per_node=8 train.py configs/dpo_smol135m.py
+objective = "dpo"
+init_from = "out/sft_smol135m"     # the newest checkpoint of the SFT run
+out_dir = "out/dpo_smol135m"
+data_dir = "data_cache/ultrafeedback"
+dpo_beta = 0.5
+dpo_reference = "precompute"
+micro_batch_size = 4               # pairs per GPU per micro step
+batch_pairs = 128
+epochs = 2
+learning_rate = 1e-6
+min_lr = 0.0
+schedule = "cosine"
+warmup_frac = 0.1
+weight_decay = 0.0
+beta2 = 0.999
+grad_clip = 1.0
+eval_interval = 100
+eval_batches = 50
+checkpoint_interval = 500
+sample_prompt = ""
