@@ -240,3 +240,27 @@ def test_demo_shortened_sft_then_dpo_on_the_real_model(demo, tmp_path):
         accs = [r["val_rewards/accuracies"] for r in map(json.loads, f) if "val_loss" in r]
     assert accs[0] == 0 and accs[-1] > 0.5, accs
     assert em(str(tmp_path / "dpo")) >= after_sft - 1
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one(demo, tmp_path, fsdp):
+    # the same global batch on 1 rank x 2 micro steps and on 2 ranks x 1: SFT's mean over the global batch's trained
+    # tokens and DPO's mean over its pairs come out the same
+    def run(args, out, nproc):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        r = subprocess.run(launcher + [TRAIN, *args, f"--out_dir={out}", f"--fsdp={fsdp}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return losses(out)
+    sft = TINY + [f"--data_dir={demo}/sft", "--objective=sft", "--block_size=128", "--micro_batch_size=2",
+                  "--total_batch_tokens=512", "--max_steps=4", "--eval_interval=4"]
+    one, two = run(sft, tmp_path / "sft1", 1), run(sft, tmp_path / "sft2", 2)
+    for a, b in zip(one[0] + one[1], two[0] + two[1]):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-5), (a, b)
+    dpo = TINY + [f"--data_dir={demo}/dpo", "--objective=dpo", f"--init_from={tmp_path / 'sft1'}", "--micro_batch_size=4",
+                  "--batch_pairs=8", "--max_steps=4", "--eval_interval=4"]
+    one, two = run(dpo, tmp_path / "dpo1", 1), run(dpo, tmp_path / "dpo2", 2)
+    for a, b in zip(one[0] + one[1], two[0] + two[1]):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-5, abs=1e-6), (a, b)
