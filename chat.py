@@ -20,12 +20,11 @@ import gzip
 import json
 import os
 import sys
-from bisect import bisect_left, insort
 
 import numpy as np
 import torch
 
-from data import HEADER_BYTES, DataError, _make_header, _open_tokens, _Writer, read_header
+from data import HEADER_BYTES, DataError, _make_header, _open_tokens, _Writer, best_fit, read_header
 
 KIND_MASK = 3
 ROLES = ("system", "user", "assistant")
@@ -259,22 +258,6 @@ def open_chat(data_dir, kind):
     return meta, out
 
 
-def _best_fit(lengths, order, capacity):
-    # rows of document indices, each document in the row with the least room that still holds it (no document split)
-    rows, free = [], []
-    for d in order:
-        n = int(lengths[d])
-        k = bisect_left(free, (n, -1))
-        if k < len(free):
-            room, r = free.pop(k)
-            rows[r].append(d)
-            insort(free, (room - n, r))
-        else:
-            rows.append([d])
-            insort(free, (capacity - n, len(rows) - 1))
-    return rows
-
-
 class SFTLoader:
     """Whole conversations packed into rows of block_size tokens (best-fit over a seeded per-epoch shuffle; none split
     across rows), rows shuffled, rank r taking its share of each global batch. next_batch() -> (x, y, positions,
@@ -298,7 +281,7 @@ class SFTLoader:
 
     def _pack(self, epoch):
         order = np.random.default_rng((self.seed, epoch)).permutation(len(self.lengths))
-        rows = _best_fit(self.lengths, order, self.T)
+        rows = best_fit(self.lengths, order, self.T)
         perm = np.random.default_rng((self.seed, epoch, 1)).permutation(len(rows))
         return [rows[i] for i in perm]
 
@@ -334,7 +317,7 @@ class SFTLoader:
         # every validation conversation once (num_batches: at most that many batches), packed in file order; rank r
         # takes batches r, r + W, ...
         _, offs, _ = self.splits["val"]
-        rows = _best_fit(np.diff(offs), range(len(offs) - 1), self.T)
+        rows = best_fit(np.diff(offs), range(len(offs) - 1), self.T)
         batches = [rows[i:i + self.B] for i in range(0, len(rows), self.B)][:num_batches]
         return [self._batch("val", b) for b in batches[self.rank::self.world_size]]
 

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import zlib
+from bisect import bisect_left, insort
 from fractions import Fraction
 
 import numpy as np
@@ -105,6 +106,24 @@ class _Writer:
             f.close()
             if os.path.exists(self.stem + suffix):
                 os.remove(self.stem + suffix)
+
+def best_fit(lengths, order, capacity):
+    """Bin packing, best fit: documents (indices, in `order`) into rows of `capacity` tokens, each into the row with the
+    least room that still holds it; none is split (one longer than capacity gets a row of its own). SFT packs
+    conversations with it (chat.py), eval.py its multiple-choice items. -> rows, lists of document indices."""
+    rows, free = [], []  # free: sorted (room left, row index)
+    for d in order:
+        n = int(lengths[d])
+        k = bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(d)
+            insort(free, (room - n, r))
+        else:
+            rows.append([d])
+            insort(free, (max(capacity, n) - n, len(rows) - 1))
+    return rows
+
 
 # -----------------------------------------------------------------------------
 # reading a data directory

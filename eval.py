@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from bisect import bisect_left, insort
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
+from data import best_fit
 
 
 class EvalError(ValueError):
@@ -375,23 +376,6 @@ def _unit_len(unit):
     return len(ctx) + sum(len(c) - 1 for _, c in conts)  # a continuation's last token is only a target
 
 
-def _pack(units, row_len):
-    # best-fit decreasing: longest units first, each into the row with the least room that still holds it
-    order = sorted(range(len(units)), key=lambda u: -_unit_len(units[u]))
-    rows, free = [], []  # free: sorted (room left, row index)
-    for u in order:
-        n = _unit_len(units[u])
-        k = bisect_left(free, (n, -1))
-        if k < len(free):
-            room, r = free.pop(k)
-            rows[r].append(u)
-            insort(free, (room - n, r))
-        else:
-            rows.append([u])
-            insort(free, (max(row_len, n) - n, len(rows) - 1))
-    return rows
-
-
 @torch.no_grad()
 def loglikelihoods(model, requests, batch_tokens=4096, row_len=256, device="cpu", autocast=None, progress=None):
     # requests [(ctx_ids, cont_ids)] -> [(summed log P(cont | ctx), is_greedy)], as lm-eval's loglikelihood. Each
@@ -399,7 +383,9 @@ def loglikelihoods(model, requests, batch_tokens=4096, row_len=256, device="cpu"
     # (positions restart after the context), and short units share rows (best-fit); only the positions that predict a
     # continuation token go through the output head.
     units = _units(requests, model.config.block_size)
-    rows = sorted(_pack(units, row_len), key=lambda r: sum(_unit_len(units[u]) for u in r))
+    lengths = [_unit_len(u) for u in units]  # best-fit decreasing: the longest units first
+    packed = best_fit(lengths, sorted(range(len(units)), key=lambda u: -lengths[u]), row_len)
+    rows = sorted(packed, key=lambda r: sum(lengths[u] for u in r))
     out = [None] * len(requests)
     i = 0
     while i < len(rows):
