@@ -372,12 +372,14 @@ def apply_stage(i):
 current_stage = loader.stage
 apply_stage(current_stage)
 
-# dpo: the frozen reference is the initial model (the SFT model: init_from, also when this run resumes)
+# dpo: the frozen reference is the initial model (the SFT model: init_from, also when this run resumes; checkpoints
+# carry where the weights first came from)
+init_origin = (ckpt.get("init_origin") or ckpt["config"]["init_from"]) if ckpt is not None else init_from
 ref_logps, ref_model = None, None
 if objective == "dpo":
     ref_path = os.path.join(out_dir, "dpo_reference.pt")
     if dpo_reference == "online":
-        ref_src = ckpt["config"]["init_from"] if ckpt is not None else init_from
+        ref_src = init_origin
         ref_model = GPT.load(ref_src)[0].to(device).eval().requires_grad_(False)
     elif ckpt is not None:
         ref_logps = torch.load(ref_path, map_location="cpu", weights_only=True)
@@ -510,7 +512,8 @@ def save_checkpoint(step, eval_done):
         path = checkpoint.write_train_checkpoint(out_dir, step, {
             "model": model_sd, "optimizer": optim_sd, "model_config": asdict(raw_model.config), "step": step,
             "config": config, "loader": loader_states, "rng": rng_states, "world_size": world_size,
-            "swa": swa_state, "nonfinite": [nonfinite_total, nonfinite_run], "eval_done": eval_done}, keep_checkpoints)
+            "swa": swa_state, "nonfinite": [nonfinite_total, nonfinite_run], "eval_done": eval_done,
+            "init_origin": init_origin}, keep_checkpoints)
         print0(f"saved {path} ({time.time() - t0:.1f} s)")
     barrier()
 
