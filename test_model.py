@@ -424,3 +424,14 @@ def test_fused_head_traces_under_compile():
     loss.backward()
     assert torch.equal(loss_c, loss)
     assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
+
+
+def test_triton_kernels_are_opt_in_on_gpus_until_a_gpu_run_is_recorded():
+    # None (the default) is the PyTorch path on a CUDA tensor too; True asks for the kernels (issue: GPU readiness)
+    import types
+
+    import model as M
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    assert M.KERNELS_BY_DEFAULT is False
+    assert M._use_kernel(None, cuda_like) is False and M._use_kernel(False, cuda_like) is False
+    assert M._use_kernel(True, cuda_like) is True

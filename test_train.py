@@ -290,7 +290,7 @@ def test_no_config_defaults_are_consistent(tiny_data, tmp_path):
     (["--learnig_rate=1e-3"], "did you mean 'learning_rate'"),
     (["--max_steps=1.5"], "max_steps must be int"),
     (["--compile=1"], "compile must be bool"),
-    (["--triton_rope='yes'"], "triton_rope must be None (auto), True or False"),
+    (["--triton_rope='yes'"], "triton_rope must be None (default), True or False"),
     (["--schedule=linear"], "schedule='linear' is not one of"),
     (["--max_steps"], "--key=value"),
 ])

@@ -70,7 +70,7 @@ seed = 1337                   # weights and data order; the same on every rank (
 # model
 model = "smol135m"            # a key of model.PRESETS
 model_overrides = {}          # single GPTConfig fields over the preset, e.g. dict(n_layer=4, n_embd=256)
-triton_rmsnorm = None         # Triton kernels (kernels/): None = auto (CUDA only), True = always, False = PyTorch
+triton_rmsnorm = None         # Triton kernels (kernels/): None = PyTorch for now (opt-in until a GPU run is recorded), True = on
 triton_rope = None
 triton_attention = None
 fused_head = True             # the output head and the loss in chunks, never the (B, T, vocab) logits (model.fused_cross_entropy)
@@ -111,7 +111,7 @@ config = {k: globals()[k] for k in config_keys}  # the resolved config: logged, 
 # checks that would otherwise fail hours into a run
 for _k in ("triton_rmsnorm", "triton_rope", "triton_attention"):
     if not (config[_k] is None or isinstance(config[_k], bool)):
-        raise SystemExit(f"config error: {_k} must be None (auto), True or False, got {config[_k]!r}")
+        raise SystemExit(f"config error: {_k} must be None (default), True or False, got {config[_k]!r}")
 _choices = dict(schedule=("wsd", "cosine"), decay_shape=("linear", "1-sqrt", "cosine"), dtype=("auto", "float32", "bfloat16", "float16"))
 for _k, _c in _choices.items():
     if config[_k] not in _c:
