@@ -316,10 +316,16 @@ class SFTLoader:
     def val_batches(self, source="chat", num_batches=None):
         # every validation conversation once (num_batches: at most that many batches), packed in file order; rank r
         # takes batches r, r + W, ...
+        # Every rank gets the same number of batches (FSDP runs its forwards in lockstep): a rank short of one gets a
+        # copy of batch 0 with no trained token, which adds nothing.
         _, offs, _ = self.splits["val"]
         rows = best_fit(np.diff(offs), range(len(offs) - 1), self.T)
         batches = [rows[i:i + self.B] for i in range(0, len(rows), self.B)][:num_batches]
-        return [self._batch("val", b) for b in batches[self.rank::self.world_size]]
+        out = []
+        for k in range(self.rank, -(-len(batches) // self.world_size) * self.world_size, self.world_size):
+            x, y, pos, doc = self._batch("val", batches[k % len(batches)])
+            out.append((x, y if k < len(batches) else torch.full_like(y, -100), pos, doc))
+        return out
 
     def state_dict(self):
         return dict(kind="sft", epoch=self.epoch, row=self.row, seed=self.seed, tokenizer=self.meta["tokenizer"],
@@ -373,9 +379,15 @@ class PairLoader:
         return self.batch("train", self._order[a:a + self.P].tolist())
 
     def val_batches(self, source="pairs", num_batches=None):
+        # the same number of batches on every rank (FSDP's lockstep): a rank short of one gets batch 0 again with its
+        # pair indices set to -1, which train.py does not count
         n = self.n_pairs["val"]
         batches = [list(range(i, min(i + self.P, n))) for i in range(0, n, self.P)][:num_batches]
-        return [self.batch("val", b) for b in batches[self.rank::self.world_size]]
+        out = []
+        for k in range(self.rank, -(-len(batches) // self.world_size) * self.world_size, self.world_size):
+            x, y, idx = self.batch("val", batches[k % len(batches)])
+            out.append((x, y, idx if k < len(batches) else torch.full_like(idx, -1)))
+        return out
 
     def state_dict(self):
         return dict(kind="dpo", epoch=self.epoch, pos=self.pos, seed=self.seed, tokenizer=self.meta["tokenizer"],

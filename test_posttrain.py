@@ -264,3 +264,15 @@ def test_two_processes_match_one(demo, tmp_path, fsdp):
     one, two = run(dpo, tmp_path / "dpo1", 1), run(dpo, tmp_path / "dpo2", 2)
     for a, b in zip(one[0] + one[1], two[0] + two[1]):
         assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-5, abs=1e-6), (a, b)
+
+
+def test_validation_batches_are_equal_in_number_on_every_rank(demo):
+    # FSDP runs forwards in lockstep: ranks short of a batch get one that counts nothing
+    for world in (1, 3, 7):
+        sft = [chat.SFTLoader(os.path.join(demo, "sft"), 128, 2, rank=r, world_size=world).val_batches() for r in range(world)]
+        assert len({len(b) for b in sft}) == 1
+        assert sum(int((b[1] != -100).sum()) for rank in sft for b in rank) == \
+            sum(int((b[1] != -100).sum()) for b in chat.SFTLoader(os.path.join(demo, "sft"), 128, 2).val_batches())
+        dpo = [chat.PairLoader(os.path.join(demo, "dpo"), 4, rank=r, world_size=world).val_batches() for r in range(world)]
+        assert len({len(b) for b in dpo}) == 1
+        assert sorted(i for rank in dpo for b in rank for i in b[2].tolist() if i >= 0) == list(range(6))

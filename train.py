@@ -419,14 +419,13 @@ def dpo_loss(x, y, idx, split):
         with torch.no_grad():
             ref = ref_model(x, y, reduction="rows")[1].view(-1, 2)
     else:
-        ref = ref_logps[split][idx].to(device=lp.device, dtype=lp.dtype)
+        ref = ref_logps[split][idx.cpu().clamp(min=0)].to(device=lp.device, dtype=lp.dtype)
     rewards = dpo_beta * (lp - ref)  # (pairs, 2)
     logits = rewards[:, 0] - rewards[:, 1]
     losses = (-F.logsigmoid(logits) * (1 - dpo_label_smoothing) - F.logsigmoid(-logits) * dpo_label_smoothing)
-    r = rewards.detach().double()
-    stats = torch.stack([losses.detach().double().sum(), r[:, 0].sum(), r[:, 1].sum(), (r[:, 0] - r[:, 1]).sum(),
-                         (r[:, 0] > r[:, 1]).double().sum(), torch.tensor(float(len(r)), device=r.device,
-                                                                            dtype=torch.float64)])
+    r, w = rewards.detach().double(), (idx >= 0).to(device=lp.device, dtype=torch.float64)  # w: 0 for padding pairs
+    stats = torch.stack([(losses.detach().double() * w).sum(), (r[:, 0] * w).sum(), (r[:, 1] * w).sum(),
+                         ((r[:, 0] - r[:, 1]) * w).sum(), ((r[:, 0] > r[:, 1]).double() * w).sum(), w.sum()])
     return losses.mean(), stats
 
 
