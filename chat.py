@@ -15,8 +15,6 @@ documents 2k (chosen) and 2k + 1 (rejected)) and NAME.mask: the same header, the
 token is trained (SFT: every assistant turn's content and <|im_end|>; DPO: the last assistant turn's). chat.json says
 what was kept, dropped and why.
 """
-import glob
-import gzip
 import json
 import os
 import sys
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from data import HEADER_BYTES, DataError, _make_header, _open_tokens, _Writer, best_fit, read_header
+from prepare import iter_rows
 
 KIND_MASK = 3
 ROLES = ("system", "user", "assistant")
@@ -80,41 +79,17 @@ def render_dpo(tok, row):
 # preparing: rows read, rendered in parallel, split, written
 
 
-def _rows(paths):
-    # (file, line, row) of every jsonl / jsonl.gz / parquet file
-    for path in paths:
-        if path.endswith(".parquet"):
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise DataError(f"{path}: reading .parquet needs pyarrow: pip install pyarrow") from None
-            pf = pq.ParquetFile(path)
-            k = 0
-            for batch in pf.iter_batches(batch_size=4096):
-                for row in batch.to_pylist():
-                    k += 1
-                    yield path, k, row
-        elif path.endswith((".jsonl", ".jsonl.gz", ".json")):
-            with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-                for k, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield path, k, json.loads(line)
-                        except json.JSONDecodeError as e:
-                            yield path, k, e
-        else:
-            raise DataError(f"{path}: chat data must be .jsonl, .jsonl.gz or .parquet")
-
-
 def _files(sources):
+    # prepare.py's resolution of a source (a file, a directory, a glob), chat formats only; NAME=PATH is accepted too
+    from prepare import _file_kind, resolve_files
     out = []
     for s in sources:
-        s = s.partition("=")[2] if "=" in s and not os.path.exists(s) else s  # NAME=PATH is accepted too
-        found = sorted(glob.glob(os.path.join(s, "**", "*"), recursive=True)) if os.path.isdir(s) else sorted(glob.glob(s))
-        found = [f for f in found if f.endswith((".jsonl", ".jsonl.gz", ".parquet"))]
-        if not found:
-            raise DataError(f"{s}: no .jsonl / .jsonl.gz / .parquet files")
-        out += found
+        s = s.partition("=")[2] if "=" in s and not os.path.exists(s) else s
+        files = resolve_files(s)[0]
+        other = [f for f in files if _file_kind(f) not in ("jsonl", "parquet")]
+        if other:
+            raise DataError(f"{other[0]}: chat data must be .jsonl, .jsonl.gz or .parquet")
+        out += files
     return out
 
 
@@ -178,11 +153,12 @@ def prepare_chat(out_dir, sources, kind, tokenizer, max_len=2048, truncate=False
 
     def chunks():
         buf = []
-        for path, line, row in _rows(files):
-            buf.append((f"{path}:{line}", row))
-            if len(buf) == 256:
-                yield (kind, max_len, truncate, buf)
-                buf = []
+        for path in files:
+            for line, row in iter_rows(path):
+                buf.append((f"{path}:{line}", row))
+                if len(buf) == 256:
+                    yield (kind, max_len, truncate, buf)
+                    buf = []
         if buf:
             yield (kind, max_len, truncate, buf)
 

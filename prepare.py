@@ -130,6 +130,34 @@ def _read_parquet(path, field):
             yield (t or ""), size / rows
 
 
+def iter_rows(path):
+    """Whole rows, not a text field: (line or row number, dict) of a .jsonl / .jsonl.gz / .parquet file, or of a .json
+    file holding a list (or {"examples": [...]}); a .jsonl line that is not JSON comes as (line, JSONDecodeError) for
+    the caller to report or count. chat.py's rows and eval.py's task files are read here."""
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading .parquet needs pyarrow: pip install pyarrow") from None
+        k = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                k += 1
+                yield k, row
+        return
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        if path.endswith(".json"):
+            data = json.load(f)
+            yield from enumerate(data if isinstance(data, list) else data.get("examples", data.get("data", [data])), 1)
+            return
+        for k, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield k, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield k, e
+
+
 def iter_documents(files, field="text"):
     for path in files:
         kind = _file_kind(path)

@@ -264,8 +264,8 @@ def test_bad_task_specs_are_clear_errors(tmp_path):
     with pytest.raises(ev.EvalError, match=r"no validation split in .*hellaswag.*hf download Rowan/hellaswag"):
         ev.load_task("hellaswag", str(tmp_path))
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"query": "a", "choices": ["x", "y"], "gold": 0}\n{"query": "b", "choices": [\n')
-    with pytest.raises(ev.EvalError, match=r"bad.jsonl:2: not valid JSON"):
+    bad.write_text('{"query": "a", "choices": ["x", "y"], "gold": 0}\n\n{"query": "b", "choices": [\n')
+    with pytest.raises(ev.EvalError, match=r"bad.jsonl:3: not valid JSON"):  # the file's line, blank lines counted
         ev.load_task(f"mc:{bad}")
     bad.write_text('{"query": "a", "choices": ["x", "y"], "gold": 2}\n')
     with pytest.raises(ev.EvalError, match=r"bad.jsonl:1: \"gold\" must be an int index into its 2 choices, got 2"):
