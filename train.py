@@ -599,8 +599,8 @@ dpo_val = {}
 
 @torch.no_grad()
 def evaluate_tasks():
-    # eval.py's scoring of eval_tasks, each rank its share of the examples; per-example scores are summed across
-    # ranks: {task: {metric: (mean, stderr)}}. Under FSDP every shard is gathered for the duration (the scoring calls
+    # eval.py's scoring of eval_tasks, each rank its share of the examples; the per-example scores of all ranks make
+    # the mean and stderr: {task: {metric: (mean, stderr)}}. Under FSDP every shard is gathered for the duration (the scoring calls
     # submodules directly), so ranks need not run the same number of forwards.
     raw_model.eval()
     sharded = [m for m in raw_model.modules() if isinstance(m, FSDPModule)] if fsdp else []
@@ -609,18 +609,9 @@ def evaluate_tasks():
     out = {}
     for task, limit in eval_task_list:
         examples = downstream.task_examples(task, limit, rank, world_size)
-        scores = downstream.run_task(raw_model, tokenizer, task, examples, device=device, autocast=autocast,
-                                     progress=False)
-        names = sorted(scores)
-        sums = torch.tensor([[sum(scores[m]), sum(v * v for v in scores[m]), len(scores[m])] for m in names],
-                            dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(sums)
-        res = {}
-        for m, (s1, s2, n) in zip(names, sums.tolist()):
-            mu = s1 / n
-            res[m] = (mu, math.sqrt(max(s2 - n * mu * mu, 0.0) / (n - 1) / n) if n > 1 else float("nan"))
-        out[task.name] = res
+        scores = gather(downstream.run_task(raw_model, tokenizer, task, examples, device=device, autocast=autocast,
+                                            progress=False))  # every rank's {metric: [per-example value]}
+        out[task.name] = {m: downstream.mean_stderr([v for s in scores for v in s[m]]) for m in scores[0]}
     for m in sharded:
         m.reshard()
     raw_model.train()
