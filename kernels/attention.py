@@ -276,13 +276,15 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qt, strid
 
 
 # ------------------------------------------------------------------------------------------------------------ configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed by (element size in bytes, head_dim). The 16-bit entries follow the
-# shapes known to work for FA2-style Triton kernels on H100 (forward 128x64; backward dK/dV 32 queries x 128 keys,
-# dQ 128 x 32); fp32 halves the tiles for shared memory. NOT yet tuned on a GPU: owed (bench/kernels.py --sweep).
-# bench/kernels.py may overwrite these dicts to sweep configs.
-FWD_CONFIGS = {(2, 64): (128, 64, 4, 3), (2, 128): (128, 64, 8, 3), (4, 64): (64, 32, 4, 2), (4, 128): (64, 32, 4, 1)}
-DKDV_CONFIGS = {(2, 64): (32, 128, 4, 3), (2, 128): (32, 64, 4, 2), (4, 64): (16, 64, 4, 2), (4, 128): (16, 32, 4, 1)}
-DQ_CONFIGS = {(2, 64): (128, 32, 4, 3), (2, 128): (64, 32, 4, 2), (4, 64): (64, 16, 4, 2), (4, 128): (32, 16, 4, 1)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed by (element size in bytes, head_dim). Chosen by compiling for H100
+# (sm_90) and A100 (sm_80) on a CPU machine (python -m kernels.aot; test_kernels_aot.py): the largest FA2-style tiles
+# that fit with zero register spills on both targets, in every dtype. The forward's 128x64 query/key tile takes 8 warps
+# (4 spill on sm_80); dK/dV keeps 128 keys per program for head_dim 64 (8 warps; 4 spill ~500 B) and 32 keys x 64
+# queries for 128; fp32 (ieee dots, no tensor cores) uses small tiles. NOT yet timed on a GPU: owed
+# (bench/kernels.py --sweep, bench/gpu.sh). bench/kernels.py may overwrite these dicts to sweep configs.
+FWD_CONFIGS = {(2, 64): (128, 64, 8, 3), (2, 128): (128, 64, 8, 3), (4, 64): (64, 32, 8, 2), (4, 128): (32, 16, 8, 1)}
+DKDV_CONFIGS = {(2, 64): (32, 128, 8, 3), (2, 128): (64, 32, 8, 2), (4, 64): (16, 32, 8, 2), (4, 128): (16, 32, 8, 1)}
+DQ_CONFIGS = {(2, 64): (128, 32, 4, 3), (2, 128): (64, 32, 4, 2), (4, 64): (64, 16, 4, 2), (4, 128): (32, 16, 8, 1)}
 # Under the interpreter the tiles are small (same shape ratios) so that T = 17..64 crosses several blocks, the
 # diagonal split and the masked tails: what the CPU tests are for.
 INTERPRET_CONFIGS = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
