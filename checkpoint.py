@@ -243,6 +243,19 @@ def read_hf_dir(path: str):
     return config, hf_sd
 
 
+# llama.cpp's tensor names (without "blk.N." and ".weight") -> Hugging Face's (without "model.layers.N." and ".weight")
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # the inverse of _unpermute: rotate-half rows (head, 2, D/2) -> llama.cpp's interleaved pairs (head, D/2, 2)
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     # llama.cpp's converter interleaves the two rotary halves of each head's rows (its RoPE pairs adjacent dims):
     # rows (head, 2, D/2) were stored as (head, D/2, 2). Swap back to the rotate-half layout.
@@ -252,40 +265,134 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def read_gguf(path: str):
     import gguf
     from gguf.quants import dequantize
-    reader = gguf.GGUFReader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: general.architecture={arch!r}; nanosmol reads Llama-architecture GGUF files")
-    names = {t.name for t in reader.tensors}
+
+    from tokenizer import read_gguf_header
+    fields, infos = read_gguf_header(path)  # gguf.GGUFReader reads the same, ~3 s slower (SmolLM2's 100k strings)
+    meta = {k: v for k, v in fields.items() if not k.startswith("tokenizer.ggml.")}
+    names = {name for name, *_ in infos}
     n_head, n_kv = meta["llama.attention.head_count"], meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"])
-    bos = reader.fields.get("tokenizer.ggml.bos_token_id")
-    eos = reader.fields.get("tokenizer.ggml.eos_token_id")
-    vocab = meta.get("llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    bos = fields.get("tokenizer.ggml.bos_token_id")
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    vocab = meta.get("llama.vocab_size") or len(fields["tokenizer.ggml.tokens"])
     eps = float(f"{meta.get('llama.attention.layer_norm_rms_epsilon', 1e-5):.7g}")  # stored as float32: 1e-5 back
     config = dict(block_size=meta.get("llama.context_length", 2048), vocab_size=vocab, n_layer=meta["llama.block_count"],
                   n_head=n_head, n_kv_head=n_kv, n_embd=meta["llama.embedding_length"],
                   intermediate_size=meta["llama.feed_forward_length"],
                   rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)), norm_eps=eps,
                   tie_embeddings="output.weight" not in names,
-                  bos_token_id=bos.contents() if bos else 0, eos_token_id=eos.contents() if eos else 0)
-    rename = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+                  bos_token_id=bos if bos is not None else 0, eos_token_id=eos if eos is not None else 0)
     hf_sd = {}
-    for t in reader.tensors:
-        m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", t.name)
-        if m is None or m.group(2) not in rename:
-            raise KeyError(f"{path}: unexpected tensor {t.name!r}: not a plain Llama GGUF")
-        w = dequantize(t.data, t.tensor_type).astype(np.float32)  # numpy shape = GGUF shape reversed = (out, in)
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, shape, ggml_type, offset in infos:
+        m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", name)
+        if m is None or m.group(2) not in GGUF_NAMES:
+            raise KeyError(f"{path}: unexpected tensor {name!r}: not a plain Llama GGUF")
+        qtype = gguf.GGMLQuantizationType(ggml_type)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        rows, row_bytes = int(np.prod(shape[1:])), shape[0] // block * type_size
+        data = raw[offset:offset + rows * row_bytes].reshape(*reversed(shape[1:]), row_bytes)
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):  # plain floats: view, not bytes
+            data = data.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+        w = dequantize(data, qtype).astype(np.float32)  # numpy shape = GGUF shape reversed = (out, in)
         if m.group(2) == "attn_q":
             w = _unpermute(w, n_head)
         elif m.group(2) == "attn_k":
             w = _unpermute(w, n_kv)
         layer = f"model.layers.{m.group(1)}." if m.group(1) is not None else ""
-        hf_sd[f"{layer}{rename[m.group(2)]}.weight"] = torch.from_numpy(np.ascontiguousarray(w))
+        hf_sd[f"{layer}{GGUF_NAMES[m.group(2)]}.weight"] = torch.from_numpy(np.ascontiguousarray(w))
     return config, hf_sd
+
+
+def _gguf_tokenizer_fields(writer, tokenizer):
+    # the tokenizer as llama.cpp's "gpt2" (byte-level BPE) vocabulary: the inverse of tokenizer._gguf_tokenizer
+    spec = tokenizer._spec()
+    if spec["model"].get("type") != "BPE":
+        raise ValueError(f"save_gguf: only byte-level BPE tokenizers can be written, this one is {spec['model'].get('type')}")
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(p.get("type"), p.get("individual_digits")) for p in parts]
+    if kinds == [("Digits", True), ("ByteLevel", None)]:
+        pre_name = "smollm"  # llama.cpp's name for SmolLM2's split: each digit alone, then the GPT-2 regex
+    elif kinds == [("ByteLevel", None)]:
+        pre_name = "gpt-2"
+    else:
+        raise ValueError(f"save_gguf: llama.cpp has no name for this pre-tokenizer ({kinds}); supported: SmolLM2's "
+                         f"(Digits + ByteLevel) and GPT-2's (ByteLevel)")
+    n = tokenizer.vocab_size
+    tokens = [tokenizer.id_to_token(i) for i in range(n)]
+    if None in tokens:
+        raise ValueError(f"save_gguf: token id {tokens.index(None)} has no token (ids must be 0..{n - 1} without gaps)")
+    added = {i: t.special for i, t in tokenizer._tk.get_added_tokens_decoder().items()}
+    # llama.cpp token types: 1 normal, 3 control (special), 4 user defined (an added, non-special token)
+    types = [(3 if added[i] else 4) if i in added else 1 for i in range(n)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_name)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)):
+        if i is not None:
+            getattr(writer, f"add_{name}_token_id")(i)
+    writer.add_add_bos_token(False)  # SmolLM2's tokenizer adds no BOS; the chat template writes its own markers
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def write_gguf(sd: dict, cfg, path: str, tokenizer, dtype: str = "f32", name: str = "nanosmol"):
+    # model.py's state dict -> a llama.cpp GGUF (llama architecture, the tokenizer inside), written atomically.
+    # dtype: f32 | f16 | bf16 | q8_0 for the matrices; norms (1-D) stay f32 as llama.cpp's converter keeps them.
+    import gguf
+    from gguf.quants import quantize
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"save_gguf: dtype={dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
+    if tokenizer is None:
+        raise ValueError("save_gguf: a GGUF carries its tokenizer; pass tokenizer= (the model has none attached)")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"save_gguf: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab is {cfg.vocab_size}")
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    to_gguf = {hf: g for g, hf in GGUF_NAMES.items()}
+    tmp = path + ".tmp"
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(name)
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(file_type)
+    _gguf_tokenizer_fields(writer, tokenizer)
+    for hf_name, t in nanosmol_to_hf(sd, cfg).items():
+        m = re.fullmatch(r"(?:model\.layers\.(\d+)\.)?(.+)\.weight", hf_name)
+        if m is None or m.group(2) not in to_gguf:
+            raise KeyError(f"save_gguf: no GGUF name for tensor {hf_name}")
+        kind = to_gguf[m.group(2)]
+        w = t.float().numpy()
+        if kind == "attn_q":
+            w = _permute(w, cfg.n_head)
+        elif kind == "attn_k":
+            w = _permute(w, cfg.n_kv_head)
+        gname = (f"blk.{m.group(1)}." if m.group(1) is not None else "") + f"{kind}.weight"
+        if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(gname, w.astype(np.float16))
+        else:  # bf16 (uint16 words) and q8_0 (uint8 blocks, whose logical shape the writer derives from the bytes)
+            writer.add_tensor(gname, quantize(w, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)  # never a half-written file under the real name
+    return path
 
 # -----------------------------------------------------------------------------
 

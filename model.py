@@ -467,6 +467,12 @@ class GPT(nn.Module):
         checkpoint.write_pretrained(self.state_dict(), self.config, out_dir,
                                     tokenizer if tokenizer is not None else self.tokenizer)
 
+    def save_gguf(self, path: str, dtype: str = "f32", tokenizer=None):
+        # a llama.cpp / Ollama file: dtype f32 | f16 | bf16 | q8_0, the tokenizer and chat template inside
+        import checkpoint
+        return checkpoint.write_gguf(self.state_dict(), self.config, path,
+                                     tokenizer if tokenizer is not None else self.tokenizer, dtype)
+
 
 # -----------------------------------------------------------------------------
 # the output head and the loss in one pass (Liger's FusedLinearCrossEntropy; Wijmans et al. 2024, Cut Cross-Entropy)

@@ -73,16 +73,22 @@ def bytes_to_unicode():
 
 
 def read_gguf_metadata(path) -> dict:
-    # The key/value section at the head of a GGUF file (spec: ggml-org/ggml docs/gguf.md), stopping before the tensor
-    # infos. gguf.GGUFReader parses the same, but builds a numpy view per array element: ~4 s for SmolLM2's 100k
-    # token/merge strings against ~0.1 s here. Value type codes are gguf.GGUFValueType's.
+    # the key/value section of a GGUF file
+    return read_gguf_header(path)[0]
+
+
+def read_gguf_header(path):
+    # A GGUF file's head (spec: ggml-org/ggml docs/gguf.md): the key/value metadata, then the tensor infos
+    # [(name, shape as stored: fastest dim first, ggml type code, byte offset from the file start)]. gguf.GGUFReader
+    # parses the same, but builds a numpy view per array element: ~4 s for SmolLM2's 100k token/merge strings against
+    # ~0.1 s here. Value type codes are gguf.GGUFValueType's.
     import mmap
     import struct
     scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != b"GGUF":
             raise ValueError(f"{path!r} is not a GGUF file (magic {buf[:4]!r})")
-        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
         if version < 2:
             raise ValueError(f"{path!r}: GGUF version {version} is too old (need >= 2; re-convert it with llama.cpp)")
         pos = 24
@@ -113,7 +119,18 @@ def read_gguf_metadata(path) -> dict:
             key = string()
             pos += 4
             meta[key] = value(struct.unpack_from("<I", buf, pos - 4)[0])
-    return meta
+        infos = []
+        for _ in range(n_tensors):  # name, n_dims (uint32), dims (uint64 each), type (uint32), offset (uint64)
+            name = string()
+            n_dims = struct.unpack_from("<I", buf, pos)[0]
+            shape = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+            pos += 4 + 8 * n_dims
+            ggml_type, offset = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            infos.append((name, shape, ggml_type, offset))
+        align = meta.get("general.alignment", 32)
+        data_start = (pos + align - 1) // align * align  # tensor data begins at the next multiple of the alignment
+    return meta, [(n, sh, t, data_start + off) for n, sh, t, off in infos]
 
 
 def _gguf_tokenizer(path):
