@@ -257,6 +257,30 @@ def test_quickstart_shortened(tiny_data, tmp_path):
     assert "sample: " in p.stdout.splitlines()[-2]  # the run ends with a sample, then the final checkpoint
     assert os.path.exists(os.path.join(out, "ckpt_4.pt"))
 
+    # report.py on it: the plots (a real PNG, read back) and the numbers page agree with metrics.jsonl
+    pytest.importorskip("matplotlib")
+    rep = subprocess.run([sys.executable, "report.py", out], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr
+    import matplotlib.image
+    img = matplotlib.image.imread(os.path.join(out, "report.png"))
+    assert img.shape[0] > 500 and img.shape[1] > 500 and img[..., :3].std() > 0.05  # drawn, not blank
+    md = open(os.path.join(out, "report.md")).read()
+    final = evals[-1]
+    assert f"| val_bpb | {final['val_bpb']:.4f} |" in md and "| steps | 4 |" in md
+    assert "| 1 | " in md and "## Samples at the end" in md  # the quickstart's second data stage; its end samples
+    # two runs overlaid (the same run under two names), and the errors a user can make
+    other = str(tmp_path / "qs_copy")
+    shutil.copytree(out, other)
+    rep = subprocess.run([sys.executable, "report.py", out, other, f"--out={tmp_path / 'cmp'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0 and os.path.getsize(tmp_path / "cmp" / "compare.png") > 10_000, rep.stderr
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| qs |" in table and "| qs_copy |" in table
+    for args, msg in [([str(tmp_path / "nope")], "no such directory"), ([str(tmp_path)], "no metrics.jsonl"),
+                      ([], "usage"), ([out, "--colour=red"], "unknown option")]:
+        rep = subprocess.run([sys.executable, "report.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert rep.returncode == 1 and msg in rep.stderr and "Traceback" not in rep.stderr, (args, rep.stderr)
+
 
 def test_no_config_defaults_are_consistent(tiny_data, tmp_path):
     # `python train.py` with no config file: the default data_dir is the quickstart corpus's own directory, which the
