@@ -8,6 +8,7 @@ References: ../shared/REFERENCE.md, nanoGPT (model owns init, optimizer groups a
 """
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Optional
 
@@ -448,7 +449,12 @@ class GPT(nn.Module):
             return model, model.tokenizer, init_from
         # a train.py checkpoint: {'model', 'model_config', 'config', ...}; the newest one of an out_dir
         path = init_from if init_from.endswith(".pt") else newest
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # a checkpoint file is untrusted input: tensors and plain containers only, never arbitrary pickled code
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: not a train.py checkpoint that loads safely (it holds objects other than "
+                             f"tensors and plain containers; torch.load(weights_only=True) refused: "
+                             f"{str(e).splitlines()[0][:200]})") from e
         model = cls(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()})
         # train.py encodes with the tokenizer prepare.py stored beside the data (data_dir/tokenizer.json)

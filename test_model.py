@@ -285,6 +285,20 @@ def test_bad_checkpoints_name_the_problem(smol, tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
+class _Exploit:
+    def __reduce__(self):  # what a malicious checkpoint carries: code run by pickle at load time
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_train_checkpoint_loading_runs_no_pickled_code(tmp_path):
+    # GPT.load (sample.py, eval.py, export.py) reads train.py checkpoints with weights_only=True
+    path = tmp_path / "ckpt_1.pt"
+    torch.save({"model": {}, "model_config": {}, "payload": _Exploit()}, path)
+    with pytest.raises(ValueError, match="not a train.py checkpoint that loads safely"):
+        GPT.load(str(path))
+    assert not os.path.exists("PWNED_BY_CHECKPOINT") and not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
 def test_generation_weight_copies_live_only_during_generation():
     # CPU fp32 generation streams (in, out) copies of every Linear's weight (model.Linear.weight_t) for its one-token
     # steps; they exist only while generate_stream runs, so an in-place weight update between calls cannot go stale
