@@ -10,7 +10,9 @@
 # applies at run time), then triton.compile(target=GPUTarget("cuda", cap, 32)) produces TTGIR, PTX and a cubin, and
 # the ptxas Triton bundles (`-v`, Triton's flags) reports registers and spills.
 # Checks per compiled kernel: it compiles; its shared memory fits one block of the target (H100 227 KiB, A100 163 KiB
-# opt-in); registers x threads fit the 64K-register file; nothing spills (fp32 included). This proves compilation, fit
+# opt-in); registers x threads fit the 64K-register file; nothing spills (fp32 included). It also counts atomic
+# instructions in the PTX: the kernels are designed without them (bitwise-deterministic backward), and the test holds
+# them to it. This proves compilation, fit
 # and register pressure; speed and numerics need the GPU (bench/gpu.sh).
 # Must run without TRITON_INTERPRET (under the interpreter @triton.jit builds no compilable kernel): test_kernels_aot.py
 # starts it in a subprocess with the variable removed.
@@ -77,6 +79,7 @@ class Result:
     registers: int = 0
     spill_stores: int = 0
     spill_loads: int = 0
+    atomics: int = 0  # atom./red. instructions in the PTX: none means no order-dependent accumulation (determinism)
     seconds: float = 0.0
     errors: list = field(default_factory=list)
 
@@ -173,6 +176,7 @@ def compile_job(job: Job) -> Result:
         res.seconds = time.time() - t0
         return res
     res.shared = compiled.metadata.shared
+    res.atomics = len(re.findall(r"\b(?:atom|red)\.", compiled.asm["ptx"]))
     log = log.getvalue()
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
