@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import corpus
 import data
@@ -243,6 +244,29 @@ def test_init_from_checkpoint_file(base_run, tiny_config, tmp_path):
     first = [r for r in records(out) if "val_loss" in r][0]
     assert first["step"] == 0 and first["val_loss"] == final["val_loss"]
     assert [r["step"] for r in records(out) if "loss" in r] == [0, 1]
+
+
+def test_init_from_weights_of_another_tokenizer_is_an_error(base_run, tiny_config, tiny_data, tmp_path):
+    # the same vocabulary size, two token ids swapped: the weights' embeddings would mean other tokens
+    from model import GPT
+    spec = json.loads(open(os.path.join(tiny_data, "tokenizer.json")).read())
+    vocab = spec["model"]["vocab"]
+    a, b = [t for t, i in vocab.items() if i in (300, 301)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    other = tmp_path / "other_tok"
+    other.mkdir()
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    from tokenizer import Tokenizer
+    model, _, _ = GPT.load(base_run[0])
+    model.save_pretrained(str(tmp_path / "hf"), tokenizer=Tokenizer.from_file(str(other)))
+    ck = torch.load(os.path.join(base_run[0], "ckpt_24.pt"), map_location="cpu", weights_only=True)
+    ck["config"]["data_dir"] = str(other)  # a checkpoint of a run that trained on data of the other tokenizer
+    torch.save(ck, tmp_path / "ckpt_24.pt")
+    for src in (tmp_path / "hf", tmp_path / "ckpt_24.pt"):
+        out = tmp_path / f"out_{src.name}"
+        p = run([tiny_config, f"--out_dir={out}", f"--init_from={src}", "--max_steps=2"], check=False)
+        assert p.returncode == 1 and "was tokenized with" in p.stderr and str(src) in p.stderr, p.stderr[-2000:]
+        assert "Traceback" not in p.stderr and not os.path.exists(out / "ckpt_2.pt")
 
 
 def test_quickstart_shortened(tiny_data, tmp_path):

@@ -332,6 +332,7 @@ torch.manual_seed(seed)  # the same initial weights on every rank
 runtime_cfg = dict(triton_rmsnorm=triton_rmsnorm, triton_rope=triton_rope, triton_attention=triton_attention,
                    fused_head=fused_head)  # runtime switches, not weights: this run's, also over a checkpoint's
 model_name = model  # the config key; `model` becomes the module below
+init_tokenizer = None  # (tokenizer, where from) of init_from's weights, checked against the data's tokenizer
 if ckpt is None and os.path.isdir(init_from) and checkpoint.latest_checkpoint(init_from):
     init_from = checkpoint.latest_checkpoint(init_from)  # a train.py out_dir: its newest checkpoint (sft -> dpo)
 if ckpt is not None or init_from.endswith(".pt"):
@@ -340,6 +341,9 @@ if ckpt is not None or init_from.endswith(".pt"):
     raw_model.load_state_dict(src["model"])
     if ckpt is None:
         print0(f"initialised from {init_from} (step {src.get('step')}): weights only, a fresh optimizer at step 0")
+        _src_data = src.get("config", {}).get("data_dir")  # that run's tokenizer, where its data directory still is
+        if _src_data and os.path.isfile(os.path.join(_src_data, "tokenizer.json")):
+            init_tokenizer = (Tokenizer.from_file(_src_data), f"{init_from} (trained on {_src_data})")
     del src
 elif init_from != "scratch":
     if not (os.path.exists(init_from) or checkpoint.is_hub_id(init_from)):
@@ -347,11 +351,18 @@ elif init_from != "scratch":
                          f"directory / train.py out_dir / hub id")
     raw_model = GPT.from_pretrained(init_from, **runtime_cfg).train()
     print0(f"initialised from {init_from}: weights only, a fresh optimizer at step 0")
+    if raw_model.tokenizer is not None:
+        init_tokenizer = (raw_model.tokenizer, init_from)
 else:
     if model_name not in PRESETS:
         raise SystemExit(f"model={model_name!r} is not a preset; choose one of {list(PRESETS)}")
     with torch.device(device):  # initialise on the GPU directly: seconds instead of a minute of CPU init for 1.7B
         raw_model = GPT(GPTConfig(**{**PRESETS[model_name], "block_size": block_size, **model_overrides, **runtime_cfg}))
+if init_tokenizer is not None and init_tokenizer[0].identity != tokenizer.identity:
+    # same ids for the same text, or the weights' embeddings mean other tokens: a vocabulary size that fits is not enough
+    raise SystemExit(f"init_from: the weights of {init_tokenizer[1]} come with tokenizer {init_tokenizer[0].identity}, "
+                     f"but data_dir={data_dir} was tokenized with {tokenizer.identity}; prepare the data with the model's "
+                     f"tokenizer (prepare.py --tokenizer=<the model>) or start from weights trained with this one")
 if raw_model.config.vocab_size < tokenizer.vocab_size:
     raise SystemExit(f"the model's vocab_size={raw_model.config.vocab_size} is smaller than the data's tokenizer "
                      f"({tokenizer.vocab_size}): set model_overrides=dict(vocab_size=...) or rebuild the data")
