@@ -238,7 +238,7 @@ def test_init_from_checkpoint_file(base_run, tiny_config, tmp_path):
     # optimizer and schedule from step 0
     out = str(tmp_path / "cont")
     p = run([tiny_config, f"--out_dir={out}", f"--init_from={os.path.join(base_run[0], 'ckpt_24.pt')}",
-             "--max_steps=2", "--swa=False"])
+             "--max_steps=2", "--warmup_steps=1", "--swa=False"])
     assert "weights only, a fresh optimizer at step 0" in p.stdout
     final = [r for r in records(base_run[0]) if "val_loss" in r][-1]
     first = [r for r in records(out) if "val_loss" in r][0]
@@ -264,7 +264,8 @@ def test_init_from_weights_of_another_tokenizer_is_an_error(base_run, tiny_confi
     torch.save(ck, tmp_path / "ckpt_24.pt")
     for src in (tmp_path / "hf", tmp_path / "ckpt_24.pt"):
         out = tmp_path / f"out_{src.name}"
-        p = run([tiny_config, f"--out_dir={out}", f"--init_from={src}", "--max_steps=2"], check=False)
+        p = run([tiny_config, f"--out_dir={out}", f"--init_from={src}", "--max_steps=2", "--warmup_steps=1"],
+                check=False)
         assert p.returncode == 1 and "was tokenized with" in p.stderr and str(src) in p.stderr, p.stderr[-2000:]
         assert "Traceback" not in p.stderr and not os.path.exists(out / "ckpt_2.pt")
 
@@ -274,7 +275,8 @@ def test_quickstart_shortened(tiny_data, tmp_path):
     # batch, on the tiny corpus instead of the embedded one (which takes a minute to build)
     out = str(tmp_path / "qs")
     p = run(["configs/quickstart.py", f"--out_dir={out}", f"--data_dir={tiny_data}", "--data_prepare=''",
-             "--max_steps=4", "--eval_interval=2", "--eval_batches=1", "--micro_batch_size=2", "--total_batch_tokens=512"])
+             "--max_steps=4", "--warmup_steps=2", "--eval_interval=2", "--eval_batches=1", "--micro_batch_size=2",
+             "--total_batch_tokens=512"])
     evals = [r for r in records(out) if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
@@ -314,7 +316,7 @@ def test_no_config_defaults_are_consistent(tiny_data, tmp_path):
     shutil.copytree(tiny_data, dst)
     (dst / "quickstart.json").write_text(json.dumps({"version": corpus.QUICKSTART_VERSION, "python": sys.version.split()[0]}))
     p = run(["--model=tiny", "--block_size=32", "--micro_batch_size=4", "--total_batch_tokens=128", "--max_steps=2",
-             "--eval_batches=1", "--sample_tokens=4"], cwd=str(tmp_path))
+             "--warmup_steps=1", "--eval_batches=1", "--sample_tokens=4"], cwd=str(tmp_path))
     assert "quickstart corpus already complete" in p.stdout
     evals = [r for r in records(str(tmp_path / "out")) if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 2]
@@ -329,7 +331,8 @@ def test_no_config_defaults_are_consistent(tiny_data, tmp_path):
         assert abs(evals[-1][f"val_bpb/{src}"] - want) < 0.02 * want, (src, evals[-1][f"val_bpb/{src}"], want)
     assert evals[-1]["val_bpb"] == pytest.approx(sum(evals[-1][f"val_bpb/{s}"] for s in ("code", "math", "prose")) / 3)
     # a data_dir of the user's own is never built into by "auto": a missing one is an error with the command to fix it
-    p = run(["--model=tiny", "--data_dir=data_cache/mine", "--max_steps=1"], cwd=str(tmp_path), check=False)
+    p = run(["--model=tiny", "--data_dir=data_cache/mine", "--max_steps=1", "--warmup_steps=1"], cwd=str(tmp_path),
+            check=False)
     assert p.returncode != 0 and "HINT: python prepare.py --out data_cache/mine" in p.stderr + p.stdout
     assert not (tmp_path / "data_cache" / "mine").exists() and "Traceback" not in p.stderr
 
@@ -341,10 +344,13 @@ def test_no_config_defaults_are_consistent(tiny_data, tmp_path):
     (["--triton_rope='yes'"], "triton_rope must be None (default), True or False"),
     (["--schedule=linear"], "schedule='linear' is not one of"),
     (["--max_steps"], "--key=value"),
+    (["--max_steps=1000"], "warmup_steps=2000 does not fit max_steps=1000: its decay starts at step 800"),
+    (["--max_steps=100", "--schedule=cosine", "--warmup_steps=101"], "warmup_steps=101 does not fit max_steps=100: it ends"),
 ])
 def test_bad_keys_and_types(args, message, tmp_path):
-    p = run(args + [f"--out_dir={tmp_path}"], check=False)
+    p = run(args + [f"--out_dir={tmp_path / 'out'}"], check=False)
     assert p.returncode != 0 and message in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_bad_key_inside_config_file(tmp_path):

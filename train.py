@@ -126,12 +126,26 @@ if objective not in ("pretrain", "sft", "dpo") or dpo_reference not in ("precomp
 if objective != "pretrain" and (stages is not None or data_prepare not in ("", "auto", "chat_demo")):
     raise SystemExit(f"config error: objective={objective!r} reads one chat directory (prepare.py --chat): stages and "
                      f"data_prepare are for pretraining")
+
+
+def check_warmup(warmup_steps, max_steps):
+    # the warmup must reach the peak before the next phase begins (wsd: the decay window; cosine: the end), or the run
+    # never trains at its learning_rate (configs/smol135m.py --max_steps=1000 would end in its 2000-step warmup)
+    end = max_steps - round(decay_frac * max_steps) if schedule == "wsd" else max_steps
+    if warmup_steps > end:
+        phase = f"its decay starts at step {end} (decay_frac={decay_frac})" if schedule == "wsd" else "it ends"
+        raise SystemExit(f"config error: warmup_steps={warmup_steps} does not fit max_steps={max_steps}: {phase} "
+                         f"before the warmup reaches the peak; lower warmup_steps, or set warmup_frac (e.g. 0.01)")
+
+
 if objective == "dpo" and init_from == "scratch":
     raise SystemExit("config error: objective='dpo' starts from a trained (SFT) model: set init_from")
 if not 0 <= decay_frac <= 1:
     raise SystemExit(f"config error: decay_frac must be in [0, 1], got {decay_frac}")
 if stages is not None and not (stages and all(isinstance(s, dict) and "weights" in s for s in stages)):
     raise SystemExit("config error: stages must be a non-empty list of dicts with 'start' and 'weights', e.g. [{'start': 0, 'weights': {'web': 1.0}}]")
+if warmup_frac == 0 and not (objective != "pretrain" and epochs > 0):  # max_steps is known now: fail before any output
+    check_warmup(warmup_steps, max_steps)
 
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without it this is one process
@@ -301,6 +315,7 @@ if objective != "pretrain" and epochs > 0:  # the length in passes over the data
            f"{per_step} per step -> max_steps={max_steps}")
 if warmup_frac > 0:
     warmup_steps = config["warmup_steps"] = max(1, round(warmup_frac * max_steps))
+check_warmup(warmup_steps, max_steps)  # again: epochs and warmup_frac set them only now
 if objective == "dpo":
     print0(f"pairs per step: {batch_pairs} = {micro_batch_size} x {world_size} ranks x {grad_accum_steps} accumulation "
            f"steps; {max_steps:,} steps")
