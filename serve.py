@@ -273,6 +273,8 @@ def build_app(model, tok, name, engine):
                                  "messages" if chat else "prompt", "context_length_exceeded")
         except BadRequest as e:
             return error(e)
+        except ValueError as e:  # e.g. a conversation the chat template refuses
+            return error(BadRequest(str(e), "messages" if chat else "prompt"))
         job = Job(ids, opts["max_tokens"], opts["temperature"], opts["top_p"], opts["seed"], opts["stop"],
                   asyncio.get_running_loop())
         engine.submit(job)
