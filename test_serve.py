@@ -54,6 +54,28 @@ def health(url):
     return httpx.get(url + "/health", timeout=10).json()
 
 
+def test_streamed_text_never_splits_a_character_or_leaks_a_stop_string():
+    # byte-level BPE splits an emoji or a CJK character over several tokens: no delta may carry half of one (U+FFFD),
+    # and text that may be the start of a stop string waits until it is known not to be
+    import serve
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_file(smollm2_gguf_path())
+    text = "Grüße 😀 世界 — done. END of story"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # some characters really are split over tokens
+    s = serve.TextStream(tok, [], set())
+    deltas = [s.push(t) for t in ids] + [s.push(None, final=True)]
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+    s = serve.TextStream(tok, ["END"], set())
+    deltas = []
+    for t in ids:
+        deltas.append(s.push(t))
+        if s.stopped:
+            break
+    assert "".join(deltas) == "Grüße 😀 世界 — done. " and s.stopped
+    assert not any("EN" in d for d in deltas)
+
+
 def test_openai_client_chat_and_completions(server):
     c = client(server)
     assert [m.id for m in c.models.list().data] == ["SmolLM2-135M-Instruct"]
