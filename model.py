@@ -367,6 +367,15 @@ class GPT(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
+    def set_decode_copies(self, on: bool):
+        # the (in, out) weight copies one-token steps stream (Linear.weight_t): made only for fp32 weights on the CPU,
+        # where they are faster; off drops them (they would go stale once the weights change)
+        w = self.output.weight
+        use = on and w.device.type == "cpu" and w.dtype == torch.float32
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.weight_t = m.weight.t().contiguous() if use else None
+
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
                         generator=None):
@@ -379,10 +388,7 @@ class GPT(nn.Module):
             raise ValueError(f"prompt of {T} tokens leaves no room in block_size={self.config.block_size}")
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        if idx.device.type == "cpu" and self.output.weight.dtype == torch.float32:
-            for m in linears:  # (in, out) copies for the one-token steps (Linear): made per call, 0.3-0.8 s for 135M here
-                m.weight_t = m.weight.t().contiguous()
+        self.set_decode_copies(True)  # made per call: 0.3-0.8 s for 135M here
         self.setup_cache(B, max_len)
         try:
             logits = self.output(self.hidden_states(idx, pos=0)[:, -1:])[:, -1]  # (B, vocab): the last position only
@@ -397,8 +403,7 @@ class GPT(nn.Module):
                 logits = self.output(self.hidden_states(nxt[:, None], pos=pos))[:, -1]  # (B, vocab)
         finally:
             self.clear_cache()
-            for m in linears:
-                m.weight_t = None
+            self.set_decode_copies(False)
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(), generator=None):

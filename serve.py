@@ -60,14 +60,12 @@ class Engine:
 
     def __init__(self, model, stop_ids, max_active):
         import torch
-        from model import Linear
-        self.torch, self.model, self.stop_ids, self.max_active = torch, model, set(stop_ids), max_active
+        from model import sample_next
+        self.torch, self.sample_next, self.model = torch, sample_next, model
+        self.stop_ids, self.max_active = set(stop_ids), max_active
         self.cond, self.pending, self.active = threading.Condition(), collections.deque(), []
         self.generated = 0
-        if next(model.parameters()).dtype == torch.float32:
-            for m in model.modules():  # the (in, out) weight copies CPU one-token steps stream (model.Linear)
-                if isinstance(m, Linear):
-                    m.weight_t = m.weight.t().contiguous()
+        model.set_decode_copies(True)  # once, for the server's lifetime (generate_stream makes them per call)
         threading.Thread(target=self._loop, daemon=True, name="engine").start()
 
     def submit(self, job):
@@ -111,8 +109,7 @@ class Engine:
             else:
                 for layer, cache in zip(model.layers, job.caches):
                     layer.attention.kv_cache = cache
-            from model import sample_next
-            t = int(sample_next(job.logits, job.temperature, None, job.top_p, job.gen)[0])
+            t = int(self.sample_next(job.logits, job.temperature, None, job.top_p, job.gen)[0])
             job.out.append(t)
             self.generated += 1
             finish = "stop" if t in self.stop_ids else "length" if (
