@@ -262,14 +262,32 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: str):
+def read_gguf_tensors(path: str):
+    # a GGUF file -> (metadata, [(name, shape as stored, ggml type, data)]), data a view of the memory-mapped file in
+    # the layout gguf.quants.dequantize takes: floats for F32/F16, the raw blocks (uint8, rows x bytes) otherwise.
+    # gguf.GGUFReader reads the same, ~3 s slower (it builds a view per element of SmolLM2's 100k token strings).
     import gguf
-    from gguf.quants import dequantize
 
     from tokenizer import read_gguf_header
-    fields, infos = read_gguf_header(path)  # gguf.GGUFReader reads the same, ~3 s slower (SmolLM2's 100k strings)
+    fields, infos = read_gguf_header(path)
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = []
+    for name, shape, ggml_type, offset in infos:
+        qtype = gguf.GGMLQuantizationType(ggml_type)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        rows, row_bytes = int(np.prod(shape[1:])), shape[0] // block * type_size
+        data = raw[offset:offset + rows * row_bytes].reshape(*reversed(shape[1:]), row_bytes)
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = data.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+        tensors.append((name, shape, qtype, data))
+    return fields, tensors
+
+
+def read_gguf(path: str):
+    from gguf.quants import dequantize
+    fields, tensors = read_gguf_tensors(path)
     meta = {k: v for k, v in fields.items() if not k.startswith("tokenizer.ggml.")}
-    names = {name for name, *_ in infos}
+    names = {name for name, *_ in tensors}
     n_head, n_kv = meta["llama.attention.head_count"], meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"])
     bos = fields.get("tokenizer.ggml.bos_token_id")
     eos = fields.get("tokenizer.ggml.eos_token_id")
@@ -282,17 +300,10 @@ def read_gguf(path: str):
                   tie_embeddings="output.weight" not in names,
                   bos_token_id=bos if bos is not None else 0, eos_token_id=eos if eos is not None else 0)
     hf_sd = {}
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    for name, shape, ggml_type, offset in infos:
+    for name, _shape, qtype, data in tensors:
         m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", name)
         if m is None or m.group(2) not in GGUF_NAMES:
             raise KeyError(f"{path}: unexpected tensor {name!r}: not a plain Llama GGUF")
-        qtype = gguf.GGMLQuantizationType(ggml_type)
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        rows, row_bytes = int(np.prod(shape[1:])), shape[0] // block * type_size
-        data = raw[offset:offset + rows * row_bytes].reshape(*reversed(shape[1:]), row_bytes)
-        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):  # plain floats: view, not bytes
-            data = data.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
         w = dequantize(data, qtype).astype(np.float32)  # numpy shape = GGUF shape reversed = (out, in)
         if m.group(2) == "attn_q":
             w = _unpermute(w, n_head)

@@ -36,20 +36,14 @@ GREEDY_TOKENS = 32
 def gguf_digest(path: str) -> str:
     # what llama.cpp reads, independent of the writer's byte layout: the metadata key/values (sorted), then every
     # tensor's name, ggml type, shape and bytes
-    import gguf
-    import numpy as np
-
-    from tokenizer import read_gguf_header
-    meta, infos = read_gguf_header(path)
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    from checkpoint import read_gguf_tensors
+    meta, tensors = read_gguf_tensors(path)
     h = hashlib.sha256()
     for key in sorted(meta):
         h.update(key.encode() + b"=" + json.dumps(meta[key], ensure_ascii=False).encode() + b"\n")
-    for name, shape, ggml_type, offset in sorted(infos):
-        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
-        nbytes = int(np.prod(shape)) // block * type_size
-        h.update(f"{name}|{ggml_type}|{list(shape)}\n".encode())
-        h.update(raw[offset:offset + nbytes].tobytes())
+    for name, shape, qtype, data in sorted(tensors, key=lambda t: t[0]):
+        h.update(f"{name}|{int(qtype)}|{list(shape)}\n".encode())
+        h.update(data.tobytes())
     return h.hexdigest()
 
 
