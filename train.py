@@ -144,7 +144,9 @@ if not 0 <= decay_frac <= 1:
     raise SystemExit(f"config error: decay_frac must be in [0, 1], got {decay_frac}")
 if stages is not None and not (stages and all(isinstance(s, dict) and "weights" in s for s in stages)):
     raise SystemExit("config error: stages must be a non-empty list of dicts with 'start' and 'weights', e.g. [{'start': 0, 'weights': {'web': 1.0}}]")
-if warmup_frac == 0 and not (objective != "pretrain" and epochs > 0):  # max_steps is known now: fail before any output
+# max_steps and warmup_steps are final now unless epochs (post-training) or warmup_frac derive them from the data below
+_schedule_known = warmup_frac == 0 and not (objective != "pretrain" and epochs > 0)
+if _schedule_known:  # fail before any output
     check_warmup(warmup_steps, max_steps)
 
 # -----------------------------------------------------------------------------
@@ -315,7 +317,8 @@ if objective != "pretrain" and epochs > 0:  # the length in passes over the data
            f"{per_step} per step -> max_steps={max_steps}")
 if warmup_frac > 0:
     warmup_steps = config["warmup_steps"] = max(1, round(warmup_frac * max_steps))
-check_warmup(warmup_steps, max_steps)  # again: epochs and warmup_frac set them only now
+if not _schedule_known:
+    check_warmup(warmup_steps, max_steps)
 if objective == "dpo":
     print0(f"pairs per step: {batch_pairs} = {micro_batch_size} x {world_size} ranks x {grad_accum_steps} accumulation "
            f"steps; {max_steps:,} steps")
