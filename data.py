@@ -198,14 +198,21 @@ def _open_tokens(path):
 
 
 class _Source:
-    """One source's training tokens as an endless stream: epoch e is the documents regrouped into chunks of whole
-    documents (~chunk_tokens each), in a permutation seeded by (seed, source, e). Positions in this stream are token
-    counts, independent of the block size, so a stage that changes T carries the read position over exactly, and
-    chunk edges fall on <|endoftext|>, so a window that spans two chunks looks like any packed window."""
+    """One source's training tokens as an endless stream, read as shuffled windows. Two levels of shuffling:
+    1. Epoch e of the stream is the documents regrouped into chunks of whole documents (~chunk_tokens each), in a
+       permutation seeded by (seed, source, e): every region of the source, in a random order.
+    2. Each epoch is cut into segments of shuffle_tokens, and a segment's windows of T tokens are read in a
+       permutation seeded by (seed, source, segment): so the windows of one global batch are independent samples of
+       a segment, never runs of neighbours (Megatron and nanotron shuffle samples too; one permutation of a whole
+       epoch's windows would not fit in memory).
+    A position is a token count in the stream: windows(pos, count, T) -> where the next windows lie and the position
+    after them. A stage that changes T continues at the next segment (segment_end), since the windows already read
+    are spread over the current one. Chunk edges fall on <|endoftext|>, so a window that spans two chunks looks like
+    any packed window."""
     MAX_CHUNKS = 1 << 20
 
-    def __init__(self, data_dir, name, seed, chunk_tokens):
-        self.name = name
+    def __init__(self, data_dir, name, seed, chunk_tokens, shuffle_tokens):
+        self.name, self.shuffle_tokens = name, shuffle_tokens
         self.tokens = _open_tokens(os.path.join(data_dir, name, "train.bin"))
         self.n = len(self.tokens)
         doc_starts = _open_tokens(os.path.join(data_dir, name, "train.idx"))[:-1]  # uint64 memmap, never loaded whole
@@ -217,7 +224,7 @@ class _Source:
         self.chunk_start = cuts
         self.chunk_len = np.diff(np.append(cuts, self.n))
         self.seed_key = (seed, zlib.crc32(name.encode()))
-        self._tables = {}
+        self._tables, self._perms = {}, {}
         self._lo = self._hi = self._base = 0  # the chunk the last read ended in: stream positions [lo, hi) at token base
 
     def _table(self, epoch):  # (start token of each chunk in read order, cumulative lengths), cached for two epochs
@@ -229,6 +236,56 @@ class _Source:
                 self._tables.pop(min(self._tables))
             self._tables[epoch] = t
         return t
+
+    def _segment(self, pos):  # (segment start, its length) of the stream position pos
+        e, q = divmod(pos, self.n)
+        s0 = e * self.n + q // self.shuffle_tokens * self.shuffle_tokens
+        return s0, min(self.shuffle_tokens, (e + 1) * self.n - s0)
+
+    def segment_end(self, pos):  # pos at a segment's start, else where its segment ends
+        s0, length = self._segment(pos)
+        return pos if pos == s0 else s0 + length
+
+    def windows(self, pos, count, T):
+        """Stream positions of the next `count` windows of T tokens from position pos (at the start of a window of
+        its segment), in the segments' shuffled orders -> (positions (count,) int64, the position after them). The
+        last T - 1 tokens of a segment at most are never a window's start: a segment holds len // T windows."""
+        out, got = np.empty(count, dtype=np.int64), 0
+        while got < count:
+            s0, length = self._segment(pos)
+            nw, k = length // T, (pos - s0) // T
+            if k >= nw:                        # the segment is used up: the next one starts where it ends
+                pos = s0 + length
+                continue
+            key = (s0, nw)
+            perm = self._perms.get(key)
+            if perm is None:                   # the seed names the segment by its start: unique in the stream
+                perm = np.random.default_rng([*self.seed_key, s0, nw, 1]).permutation(nw)
+                if len(self._perms) >= 2:
+                    self._perms.pop(next(iter(self._perms)))
+                self._perms[key] = perm
+            take = min(count - got, nw - k)
+            out[got:got + take] = s0 + perm[k:k + take] * T
+            got += take
+            pos = s0 + (k + take) * T
+        return out, pos
+
+    def gather(self, starts, length, buf, rows):  # buf[rows[i]] = stream[starts[i] : starts[i] + length]
+        epoch, q = np.divmod(starts, self.n)
+        slow = []
+        for e in np.unique(epoch).tolist():
+            sel = np.flatnonzero(epoch == e)
+            cstart, cum = self._table(e)
+            k = cum.searchsorted(q[sel], side="right") - 1
+            fits = q[sel] + length <= cum[k + 1]           # inside one chunk: one contiguous slice of the file
+            a = cstart[k] + q[sel] - cum[k]
+            for i, r, ai, f in zip(sel.tolist(), rows[sel].tolist(), a.tolist(), fits.tolist()):
+                if f:  # slices: cheaper than one fancy-indexed gather of every token
+                    buf[r] = self.tokens[ai:ai + length]
+                else:
+                    slow.append(i)
+        for i in slow:                                     # across a chunk edge (or an epoch's end)
+            self.read(int(starts[i]), buf[rows[i]])
 
     def read(self, pos, out):  # out[:] = stream[pos : pos + len(out)]
         length = len(out)
@@ -298,17 +355,17 @@ class MixtureLoader:
     """Mixes the sources of data_dir by stage. The global stream of sequences (all ranks together) is fixed by the
     seed, the stages and the data alone, not by world size or batch size: each next_batch() takes the next global
     batch of batch_size * world_size sequences, and its j-th sequence goes to rank j % world_size (row j // world_size).
-    So proportions hold in every
-    global batch, ranks read disjoint sequences, and a resume at another world size or batch size continues the same
-    stream exactly. (One exception: a stage that changes block_size or batch_size begins with the first global batch
-    at or after its start, so where it begins depends on the global batch size.)"""
+    So proportions hold in every global batch, ranks read disjoint sequences, and a resume at another world size or
+    batch size continues the same stream exactly. (One exception: a stage that changes block_size or batch_size begins
+    with the first global batch at or after its start, so where it begins depends on the global batch size.) Each
+    source's windows are shuffled within segments of shuffle_tokens of its chunk-shuffled stream (_Source)."""
 
     def __init__(self, data_dir, block_size, batch_size, stages=None, rank=0, world_size=1, seed=1337,
-                 chunk_tokens=8192):
+                 chunk_tokens=8192, shuffle_tokens=1 << 25):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.data_dir, self.rank, self.world_size, self.seed = data_dir, rank, world_size, seed
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens, self.shuffle_tokens = chunk_tokens, shuffle_tokens
         available = list_sources(data_dir)
         if not available:
             raise DataError(f"{data_dir}: no prepared sources in it\n---> HINT: python prepare.py --out {data_dir} ...")
@@ -317,11 +374,14 @@ class MixtureLoader:
             total = sum(m["n_tokens"] for m in metas.values())
             stages = [{"start": 0, "weights": {n: max(1, round(1000 * m["n_tokens"] / total)) for n, m in metas.items()}}]
         self.stages = self._check_stages(stages, block_size, batch_size, available)
+        if shuffle_tokens < max(s["block_size"] for s in self.stages) + 1:
+            raise DataError(f"shuffle_tokens={shuffle_tokens} must exceed every block_size "
+                            f"({max(s['block_size'] for s in self.stages)}): a shuffle segment holds whole windows")
         self.sources = sorted({n for s in self.stages for n in s["weights"]})
         self.metas = check_data_dir(data_dir, self.sources)  # only the sources used: a broken unused one is no matter
         self.vocab_size = next(iter(self.metas.values()))["vocab_size"]
         self.tokenizer_identity = next(iter(self.metas.values()))["tokenizer"]
-        self._src = [_Source(data_dir, n, seed, chunk_tokens) for n in self.sources]
+        self._src = [_Source(data_dir, n, seed, chunk_tokens, shuffle_tokens) for n in self.sources]
         for src, s in ((src, s) for src in self._src for s in self.stages if src.name in s["weights"]):
             if src.n < s["block_size"] + 1:
                 raise DataError(f"source '{src.name}' has {src.n} training tokens, fewer than one block of "
@@ -375,6 +435,8 @@ class MixtureLoader:
                 return None if reshape else -(-(nxt["start"] - self.tokens_consumed) // self.block_size)
             if reshape and not batch_start:
                 return None  # a batch has one shape: this stage begins with the next global batch
+            if nxt["block_size"] != self.block_size:  # windows of another size: each source continues at its next
+                self.pos = [s.segment_end(p) for s, p in zip(self._src, self.pos)]  # segment (none read twice)
             self._enter_stage(self.stage + 1)
         return None
 
@@ -388,13 +450,13 @@ class MixtureLoader:
                 left = self._next_switch(batch_start=False)
             n = B * W - j if left is None else min(B * W - j, left)  # the next n sequences are all of this stage
             loc = self._mix.picks(self._counts, self.stage_seq, n)         # (n,) stage-local source of each
-            cs = np.cumsum(loc[:, None] == np.arange(len(self._stage_src)), axis=0)  # (n, k) running counts
-            sel = np.arange((rank - j) % W, n, W)                          # this rank's sequences in the run
-            for t, l, o in zip(sel.tolist(), loc[sel].tolist(), (cs[sel, loc[sel]] - 1).tolist()):
-                d = self._stage_src[l]  # the o-th sequence of source d in this run; windows overlap by one token
-                self._src[d].read(self.pos[d] + o * T, buf[(j + t) // W])  # so each token is input and target once
-            for l, c in enumerate(cs[-1].tolist()):
-                self.pos[self._stage_src[l]] += c * T
+            for l, d in enumerate(self._stage_src):
+                mine = np.flatnonzero(loc == l)  # the run's sequences from source d (all ranks), in order
+                if len(mine) == 0:
+                    continue
+                starts, self.pos[d] = self._src[d].windows(self.pos[d], len(mine), T)
+                keep = (j + mine) % W == rank  # windows overlap by one token, so each token is input and target once
+                self._src[d].gather(starts[keep], T + 1, buf, (j + mine[keep]) // W)
             self.stage_seq += n
             self.seq += n
             self.tokens_consumed += n * T
@@ -439,17 +501,21 @@ class MixtureLoader:
         return out
 
     def state_dict(self):
-        return dict(version=1, seq=self.seq, tokens_consumed=self.tokens_consumed, stage=self.stage,
+        return dict(version=2, seq=self.seq, tokens_consumed=self.tokens_consumed, stage=self.stage,
                     stage_seq=self.stage_seq, stage_counts={self.sources[s]: c for s, c in zip(self._stage_src, self._counts)},
                     pos=dict(zip(self.sources, self.pos)), seed=self.seed, chunk_tokens=self.chunk_tokens,
+                    shuffle_tokens=self.shuffle_tokens,
                     source_tokens={n: s.n for n, s in zip(self.sources, self._src)},
                     stages=[dict(s, weights=dict(s["weights"])) for s in self.stages[:self.stage + 1]],
                     tokenizer=self.tokenizer_identity)
 
     def load_state_dict(self, sd):
-        if sd.get("version") != 1:
-            raise DataError(f"loader state version {sd.get('version')}; this data.py reads version 1")
-        for key, mine in (("seed", self.seed), ("chunk_tokens", self.chunk_tokens), ("tokenizer", self.tokenizer_identity)):
+        if sd.get("version") != 2:
+            raise DataError(f"loader state version {sd.get('version')}: written by an older data.py, whose sequences "
+                            f"were not shuffled; this data.py reads version 2. Resume with the nanosmol version that "
+                            f"wrote the checkpoint, or continue from its weights with --init_from=<ckpt_*.pt>")
+        for key, mine in (("seed", self.seed), ("chunk_tokens", self.chunk_tokens), ("shuffle_tokens", self.shuffle_tokens),
+                          ("tokenizer", self.tokenizer_identity)):
             if sd[key] != mine:
                 raise DataError(f"cannot resume: the checkpoint's loader has {key}={sd[key]!r}, this one {mine!r}; "
                                 f"the stream of sequences would differ. Use the same {key}")

@@ -57,8 +57,15 @@ def make_loaders(d, W, **kw):
     return [data.MixtureLoader(d, rank=r, world_size=W, **kw) for r in range(W)]
 
 
-def reference_stream(d, name, seed=1337, chunk_tokens=256):
-    return data._Source(d, name, seed, chunk_tokens)
+def reference_stream(d, name, seed=1337, chunk_tokens=256, shuffle_tokens=1 << 25):
+    return data._Source(d, name, seed, chunk_tokens, shuffle_tokens)
+
+
+def reference_window(src, pos, T):  # (the next window of T + 1 tokens of a source from pos, the position after it)
+    (start,), pos = src.windows(pos, 1, T)
+    out = np.empty(T + 1, np.uint16)
+    src.read(int(start), out)
+    return out, pos
 
 # -----------------------------------------------------------------------------
 # loader
@@ -96,10 +103,10 @@ def test_stage_switch_exact_and_positions_continue(tmp_path):
     T, B = 16, 4
     stages = [{"start": 0, "weights": {"a": 0.5, "b": 0.5}}, {"start": 1000, "weights": {"a": 0.25, "c": 0.75}},
               {"start": 3000, "weights": {"a": 1.0}, "block_size": 64, "batch_size": 2}]
-    l = data.MixtureLoader(d, block_size=T, batch_size=B, stages=stages, chunk_tokens=256)
+    l = data.MixtureLoader(d, block_size=T, batch_size=B, stages=stages, chunk_tokens=256, shuffle_tokens=4096)
     pos = {n: 0 for n in "abc"}
-    refs = {n: reference_stream(d, n) for n in "abc"}
-    consumed, seen_stage = 0, []
+    refs = {n: reference_stream(d, n, shuffle_tokens=4096) for n in "abc"}
+    consumed, seen_stage, read, moved = 0, [], {n: [] for n in "abc"}, {}
     for _ in range(70):
         x, y = l.next_batch()
         Tb = x.shape[1]
@@ -110,16 +117,44 @@ def test_stage_switch_exact_and_positions_continue(tmp_path):
             st = 0 if consumed < 1000 else (1 if consumed < 3000 or (Tb == T) else 2)
             seen_stage.append(st)
             assert n in stages[st]["weights"], (consumed, n, st)
-            want = np.empty(Tb + 1, np.uint16)
-            refs[n].read(pos[n], want)                       # each source's windows continue its stream exactly
+            if Tb != T and n not in moved:                    # a new block size: each source's next shuffle segment
+                moved.update({m: pos.__setitem__(m, -(-pos[m] // 4096) * 4096) for m in "abc"})
+            want, pos[n] = reference_window(refs[n], pos[n], Tb)  # each source's windows continue its stream exactly
             np.testing.assert_array_equal(x[row].numpy(), want[:-1])
             np.testing.assert_array_equal(y[row].numpy(), want[1:])
-            pos[n] += Tb
+            read[n] += x[row].tolist()
             consumed += Tb
     # stage 1 began with the first sequence at or after 1000 tokens: sequence 63 (63 * 16 = 1008)
     assert seen_stage.index(1) == 63 and 1008 == 63 * 16
     assert 2 in seen_stage and l.stage == 2 and l.block_size == 64
     assert l.tokens_consumed == consumed
+    for n in "abc":  # the token at file offset i is n*R + i: still in epoch 0, no token was read twice, at either T
+        assert max(pos.values()) < 20000 and len(set(read[n])) == len(read[n]) > 0
+
+
+def test_windows_shuffled_across_the_source(tmp_path):
+    # a few very long documents, each one chunk: without sample-level shuffling a global batch would be a run of
+    # adjacent windows of one document
+    d = tmp_path / "long"
+    os.makedirs(d / "s")
+    n, T, B, W = 60000, 16, 4, 2
+    for split, m in (("train", n), ("val", 3000)):
+        w = data._Writer(str(d / "s" / split), 65536, 0, "synthetic-tok")
+        w.add(np.arange(m, dtype=np.uint16), np.array([m // 3, m // 3, m - 2 * (m // 3)]))
+        w.finish()
+    (d / "s" / "meta.json").write_text(json.dumps(dict(n_tokens=n, val_tokens=3000, vocab_size=65536,
+                                                      tokenizer="synthetic-tok")))
+    loaders = make_loaders(str(d), W, block_size=T, batch_size=B, stages=[{"start": 0, "weights": {"s": 1}}])
+    batches = global_stream(loaders, 200)                     # 1600 of the 3750 windows of the first epoch
+    starts = np.array([g[:, 0] for g in batches])             # (batches, B*W) file offset of each window
+    adjacent = sum(int((np.diff(np.sort(b)) == T).sum()) for b in starts)
+    assert adjacent <= 10  # independent windows: adjacent pairs in a batch only by chance, 200 * 28 * 2 / 3750 = 3
+                           # expected (consecutive windows, as before: 7 in every batch)
+    assert len(np.unique(starts)) == starts.size and np.all(starts % T == 0)  # whole windows, none twice
+    jumps = np.abs(np.diff(starts.ravel()))                   # consecutive windows: spread over the whole source
+    assert np.median(jumps) > n / 5 and (jumps < n / 10).mean() < 0.35  # uniform: median n/3.4, P(< n/10) = 0.19
+    thirds = np.bincount(starts.ravel() // (n // 3), minlength=3)  # every document is sampled from the start
+    assert thirds.min() > 0.25 * starts.size
 
 
 def test_resume_equality_across_stages_and_world_sizes(tmp_path):
@@ -165,8 +200,7 @@ def test_resume_refuses_changed_setup(tmp_path):
     for _ in range(5):                                          # 32 ... 192 tokens: still stage 0
         assert all(torch.equal(a, b) for a, b in zip(l.next_batch(), l2.next_batch()))
     x, _ = l2.next_batch()
-    want = np.empty(17, np.uint16)
-    reference_stream(d, "c", chunk_tokens=8192).read(0, want)  # the new source starts at the start of its stream
+    want, _ = reference_window(reference_stream(d, "c", chunk_tokens=8192), 0, 16)  # the new source's first window
     assert l2.stage == 1 and x[0, 0] < 2 * R                    # 192 tokens: the last sequence of stage 0, then
     assert np.array_equal(x[1].numpy(), want[:-1])              # 208 >= 200: stage 1, mid-batch
 
