@@ -65,6 +65,18 @@ def test_meta_build_then_materialise():
     assert torch.isfinite(logits).all() and logits.shape == (1, 9, 512)
 
 
+def test_from_state_dict_adopts_weights_without_a_random_init(monkeypatch):
+    # resume and init_from build on the meta device and adopt the checkpoint's tensors: no init that they overwrite
+    src = tiny()
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    monkeypatch.setattr(GPT, "init_weights", lambda self: pytest.fail("a random init before loading"))
+    model = GPT.from_state_dict(src.config, sd)
+    assert model.output.weight is model.tok_embeddings.weight and model.tok_embeddings.weight.data_ptr() == \
+        sd["tok_embeddings.weight"].data_ptr()  # adopted, not copied
+    idx = torch.randint(0, 512, (2, 9))
+    assert torch.equal(model(idx)[0], src(idx)[0])  # the rope tables were rebuilt off the meta device
+
+
 def test_loss_ignores_minus_100():
     model = tiny()
     idx = torch.randint(0, 512, (2, 13))

@@ -355,8 +355,7 @@ if ckpt is None and os.path.isdir(init_from) and checkpoint.latest_checkpoint(in
     init_from = checkpoint.latest_checkpoint(init_from)  # a train.py out_dir: its newest checkpoint (sft -> dpo)
 if ckpt is not None or init_from.endswith(".pt"):
     src = ckpt if ckpt is not None else torch.load(init_from, map_location="cpu", weights_only=True)
-    raw_model = GPT(GPTConfig(**{**src["model_config"], **runtime_cfg}))
-    raw_model.load_state_dict(src["model"])
+    raw_model = GPT.from_state_dict(GPTConfig(**{**src["model_config"], **runtime_cfg}), src["model"], device)
     if ckpt is None:
         print0(f"initialised from {init_from} (step {src.get('step')}): weights only, a fresh optimizer at step 0")
         _src_data = src.get("config", {}).get("data_dir")  # that run's tokenizer, where its data directory still is
@@ -462,13 +461,20 @@ DPO_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "r
 
 # wrap: torch.compile, then DDP (replicas, gradients all-reduced in backward) or FSDP2 (sharded per block)
 model = raw_model
-if fsdp:
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-    for layer in raw_model.layers:
-        fully_shard(layer)  # each block's weights are gathered just in time for its forward and backward
-    fully_shard(raw_model)  # the root holds the embedding (tied to the output head) and the final norm
 if compile:
     print0("compiling the model (the first steps are slow)")
+if fsdp:
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    # as torchtitan: the blocks compute with copies of the weights in the run's dtype (a bf16 all-gather moves half
+    # the bytes of fp32) and gradients are reduce-scattered in fp32 into the fp32 shards AdamW updates
+    mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
+    for layer in raw_model.layers:
+        if compile:
+            layer.compile()  # per block, in place (same parameter names): FSDP's gathers stay between the graphs
+        fully_shard(layer, mp_policy=mp)  # each block's weights are gathered just in time for its forward and backward
+    fully_shard(raw_model, mp_policy=mp)  # the root holds the embedding (tied to the output head) and the final norm
+    print0(f"fsdp: blocks compute in {dtype}, gradients reduced in float32")
+elif compile:
     model = torch.compile(model)
 if ddp and not fsdp:
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -528,12 +534,14 @@ def gather(obj):
 
 
 def save_checkpoint(step, eval_done):
-    # collectives first (every rank), then rank 0 writes ckpt_<step>.pt atomically (checkpoint.py)
-    model_sd, optim_sd = checkpoint.full_train_state(raw_model, optimizer, fsdp)
-    swa_state = None
-    if swa:
-        full = lambda ts: {n: checkpoint.to_full(t).cpu() for (n, _), t in zip(named_params, ts)} if ts is not None else None
-        swa_state = {"count": swa_count, "sum": full(swa_sum), "avg": full(swa_avg)}
+    # rank 0 writes ckpt_<step>.pt atomically (checkpoint.py). Under FSDP every rank joins the gathers of the shards
+    # (rank 0 keeps the whole state); DDP replicas are equal, so only rank 0 copies the weights and optimizer state
+    model_sd = optim_sd = swa_state = None
+    if fsdp or master_process:
+        model_sd, optim_sd = checkpoint.full_train_state(raw_model, optimizer, fsdp)
+        if swa:
+            full = lambda ts: {n: checkpoint.to_full(t).cpu() for (n, _), t in zip(named_params, ts)} if ts is not None else None
+            swa_state = {"count": swa_count, "sum": full(swa_sum), "avg": full(swa_avg)}
     loader_states, rng_states = gather(loader.state_dict()), gather(checkpoint.rng_state(device_type == "cuda"))
     if master_process:
         t0 = time.time()
