@@ -238,6 +238,27 @@ def test_sigterm_then_resume_is_bitwise(base_run, tiny_config, tmp_path):
         [(r["step"], r["val_loss"], r.get("swa_val_loss")) for r in got if "val_loss" in r]
 
 
+def test_cooldown_branch_equals_the_shorter_run(base_run, tiny_config, tmp_path):
+    # the base run's step-8 checkpoint lies in its stable phase (warmup to 3, decay from 12). A branch from it that
+    # decays over 4 steps is, step for step and bit for bit, the run configured with max_steps=12 and that decay
+    src = os.path.join(base_run[0], "ckpt_8.pt")
+    before = {f: os.path.getmtime(os.path.join(base_run[0], f)) for f in os.listdir(base_run[0])}
+    short, branch = str(tmp_path / "short"), str(tmp_path / "branch")
+    run([tiny_config, f"--out_dir={short}", "--max_steps=12", "--decay_steps=4"])
+    p = run([tiny_config, f"--out_dir={branch}", f"--decay_from={src}", "--decay_steps=4"])
+    assert "cooldown branch of" in p.stdout and "max_steps=12" in p.stdout
+    steps = lambda d, a: [(r["step"], r[a], r.get("lr")) for r in records(d) if a in r and r["step"] >= 8]
+    assert steps(branch, "loss") == steps(short, "loss") and [s for s, *_ in steps(branch, "loss")] == [8, 9, 10, 11]
+    assert steps(branch, "val_loss") == steps(short, "val_loss")  # at 8 (the branch's first eval) and 12
+    assert {f: os.path.getmtime(os.path.join(base_run[0], f)) for f in os.listdir(base_run[0])} == before
+    # a branch from a checkpoint past the stable phase, or into its own source directory, is refused
+    p = run([tiny_config, f"--out_dir={tmp_path / 'late'}", f"--decay_from={base_run[0]}", "--decay_steps=4"], check=False)
+    assert p.returncode == 1 and "step 24, not in the stable phase" in p.stderr and "Traceback" not in p.stderr
+    p = run([tiny_config, f"--out_dir={base_run[0]}", f"--decay_from={src}", "--decay_steps=4"], check=False)
+    assert p.returncode == 1 and "writes to its own out_dir" in p.stderr
+    assert {f: os.path.getmtime(os.path.join(base_run[0], f)) for f in os.listdir(base_run[0])} == before
+
+
 def test_init_from_checkpoint_file(base_run, tiny_config, tmp_path):
     # continued pretraining from a ckpt_*.pt: its weights (the step-0 eval equals the source run's final one), a fresh
     # optimizer and schedule from step 0

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 # I/O
 out_dir = "out"
 init_from = "scratch"         # "scratch", "resume" (newest checkpoint in out_dir), or a ckpt_*.pt / Hugging Face dir / .gguf to continue pretraining from
+decay_from = ""               # a cooldown branch: a ckpt_*.pt (or out_dir: its newest) from the stable phase of a WSD run. This run
+                              # continues it exactly (weights, optimizer, data position, RNG) in its own out_dir and decays over
+                              # decay_steps from there (max_steps = its step + decay_steps); the source run is only read
 eval_interval = 1000          # optimizer steps between evals (val loss per source + a sample); also at step 0 and the end
 eval_batches = 20             # validation batches per source: a fixed set, so every eval measures the same tokens
 checkpoint_interval = 5000    # optimizer steps between checkpoints; one is always written at the end and on SIGTERM
@@ -91,6 +94,7 @@ schedule = "wsd"              # "wsd" (warmup-stable-decay, nanotron / Hägele e
 warmup_steps = 2000           # linear warmup
 warmup_frac = 0.0             # > 0: warmup_steps = this fraction of max_steps (post-training recipes: 0.1)
 decay_frac = 0.2              # WSD: the last fraction of max_steps decays to min_lr
+decay_steps = 0               # WSD: > 0 sets the decay window in steps instead (a cooldown branch's length)
 decay_shape = "linear"        # WSD decay: "linear", "1-sqrt" (Hägele et al.: better than linear) or "cosine"
 # weight averaging
 swa = False                   # windowed weight averaging (Hägele et al. §5), evaluated beside the raw weights
@@ -128,12 +132,21 @@ if objective != "pretrain" and (stages is not None or data_prepare not in ("", "
                      f"data_prepare are for pretraining")
 
 
+def wsd_decay_steps(max_steps, cfg=None):
+    # the decay window of a WSD schedule (of this run's config, or another run's)
+    cfg = cfg or config
+    return cfg.get("decay_steps", 0) or round(cfg["decay_frac"] * max_steps)
+
+
 def check_warmup(warmup_steps, max_steps):
     # the warmup must reach the peak before the next phase begins (wsd: the decay window; cosine: the end), or the run
     # never trains at its learning_rate (configs/smol135m.py --max_steps=1000 would end in its 2000-step warmup)
-    end = max_steps - round(decay_frac * max_steps) if schedule == "wsd" else max_steps
+    if decay_steps > max_steps:
+        raise SystemExit(f"config error: decay_steps={decay_steps} is longer than max_steps={max_steps}")
+    end = max_steps - wsd_decay_steps(max_steps) if schedule == "wsd" else max_steps
     if warmup_steps > end:
-        phase = f"its decay starts at step {end} (decay_frac={decay_frac})" if schedule == "wsd" else "it ends"
+        why = f"decay_steps={decay_steps}" if decay_steps else f"decay_frac={decay_frac}"
+        phase = f"its decay starts at step {end} ({why})" if schedule == "wsd" else "it ends"
         raise SystemExit(f"config error: warmup_steps={warmup_steps} does not fit max_steps={max_steps}: {phase} "
                          f"before the warmup reaches the peak; lower warmup_steps, or set warmup_frac (e.g. 0.01)")
 
@@ -145,7 +158,17 @@ if not 0 <= decay_frac <= 1:
 if stages is not None and not (stages and all(isinstance(s, dict) and "weights" in s for s in stages)):
     raise SystemExit("config error: stages must be a non-empty list of dicts with 'start' and 'weights', e.g. [{'start': 0, 'weights': {'web': 1.0}}]")
 # max_steps and warmup_steps are final now unless epochs (post-training) or warmup_frac derive them from the data below
-_schedule_known = warmup_frac == 0 and not (objective != "pretrain" and epochs > 0)
+if decay_steps < 0 or (decay_from and (schedule != "wsd" or decay_steps == 0)):
+    raise SystemExit(f"config error: decay_from needs schedule='wsd' and decay_steps > 0 (the branch's decay), got "
+                     f"schedule={schedule!r}, decay_steps={decay_steps}")
+if decay_from and init_from not in ("scratch", "resume"):
+    raise SystemExit(f"config error: decay_from={decay_from!r} says where this run starts; init_from={init_from!r} "
+                     f"would too. Leave init_from unset (or 'resume', to continue the branch itself)")
+if decay_from and os.path.realpath(decay_from if os.path.isdir(decay_from) else os.path.dirname(decay_from) or ".") \
+        == os.path.realpath(out_dir):
+    raise SystemExit(f"config error: decay_from={decay_from!r} is in out_dir={out_dir!r}: a branch writes to its own "
+                     f"out_dir, so that the source run can go on and branch again")
+_schedule_known = warmup_frac == 0 and not (objective != "pretrain" and epochs > 0) and not decay_from
 if _schedule_known:  # fail before any output
     check_warmup(warmup_steps, max_steps)
 
@@ -238,13 +261,33 @@ import checkpoint  # noqa: E402 (train checkpoints: written, found and restored 
 ckpt = None
 if init_from == "resume":
     ckpt_path = checkpoint.latest_checkpoint(out_dir)
-    if ckpt_path is None:
+    if ckpt_path is None and not decay_from:
         raise SystemExit(f"--init_from=resume but {out_dir} has no ckpt_*.pt: train from scratch first, or point "
                          f"--out_dir at the run to continue")
+    if ckpt_path is not None:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        print0(f"resuming from {ckpt_path} (step {ckpt['step']})")
+        if decay_from:  # a cooldown branch's own checkpoint: its length was fixed when it branched
+            max_steps = config["max_steps"] = ckpt["config"]["max_steps"]
+if decay_from and ckpt is None:
+    # a cooldown branch (Hägele et al. 2024): everything of the source run's checkpoint, as a resume would take it,
+    # then a decay of decay_steps. Writes only to out_dir.
+    ckpt_path = checkpoint.latest_checkpoint(decay_from) if os.path.isdir(decay_from) else decay_from
+    if not (ckpt_path and os.path.isfile(ckpt_path) and ckpt_path.endswith(".pt")):
+        raise SystemExit(f"decay_from={decay_from!r}: not a ckpt_*.pt file or an out_dir holding one")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    print0(f"resuming from {ckpt_path} (step {ckpt['step']})")
+    k, src_cfg = ckpt["step"], ckpt["config"]
+    src_decay = src_cfg["max_steps"] - wsd_decay_steps(src_cfg["max_steps"], src_cfg)
+    if src_cfg["schedule"] != "wsd" or not src_cfg["warmup_steps"] <= k <= src_decay:
+        raise SystemExit(f"decay_from: {ckpt_path} is step {k}, not in the stable phase of its run (schedule "
+                         f"{src_cfg['schedule']!r}, warmup to step {src_cfg['warmup_steps']}, decay from step "
+                         f"{src_decay}): branch from a checkpoint between them")
+    max_steps = config["max_steps"] = k + decay_steps
+    ckpt["eval_done"] = False  # the branch's own log begins with an eval at step k
+    print0(f"cooldown branch of {ckpt_path} at step {k}: decays over {decay_steps} steps to max_steps={max_steps}")
+if ckpt is not None:
     changed = {k: (ckpt["config"].get(k), v) for k, v in config.items()
-               if k not in ("init_from", "out_dir") and ckpt["config"].get(k) != v}
+               if k not in ("init_from", "out_dir", "decay_from") and ckpt["config"].get(k) != v}
     for k, (old, new) in changed.items():
         print0(f"  note: {k} was {old!r} in the checkpoint's run, now {new!r}")
     if ckpt["world_size"] != world_size:
@@ -495,13 +538,13 @@ def get_lr(step):
     if schedule == "cosine":
         s = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
         return min_lr + (learning_rate - min_lr) * 0.5 * (1 + math.cos(math.pi * s))
-    # 2) stable at the peak until the decay window (the last decay_frac of the steps)
-    decay_steps = round(decay_frac * max_steps)
-    decay_start = max_steps - decay_steps
+    # 2) stable at the peak until the decay window (the last decay_frac of the steps, or decay_steps)
+    window = wsd_decay_steps(max_steps)
+    decay_start = max_steps - window
     if step < decay_start:
         return learning_rate
     # 3) decay, with s the fraction of the window done (nanotron's formulas, REFERENCE.md §3)
-    s = min(1.0, (step - decay_start) / max(1, decay_steps))
+    s = min(1.0, (step - decay_start) / max(1, window))
     f = {"linear": 1 - s, "1-sqrt": 1 - math.sqrt(s), "cosine": 0.5 * (1 + math.cos(math.pi * s))}[decay_shape]
     return min_lr + (learning_rate - min_lr) * f
 
