@@ -212,6 +212,52 @@ def test_two_processes_match_one(base_run, tiny_config, tmp_path, fsdp):
             assert abs(e1[s][f"eval/sums/{m}"] - e2[s][f"eval/sums/{m}"]) <= 1 / 13 + 1e-9, (s, m)
 
 
+GATHERED = """
+import dataclasses, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import checkpoint
+from model import GPT, GPTConfig, PRESETS
+from torch.distributed.fsdp import fully_shard
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = GPT(GPTConfig(**{{**PRESETS["tiny"], "vocab_size": 64}}))
+ref = GPT.from_state_dict(dataclasses.replace(model.config), {{k: v.clone() for k, v in model.state_dict().items()}})
+for layer in model.layers:
+    fully_shard(layer)
+fully_shard(model)
+x = torch.randint(0, 64, (2, 16))
+model(x, x)[1].backward()
+# rank 0 alone samples, and stops at a stop token: the third token greedy decoding picks
+copy = checkpoint.gathered_model(model, "cpu", all_ranks=False)
+assert (copy is None) == (rank != 0)
+if rank == 0:
+    stop = int(ref.generate(x[:1, :4], 3, temperature=0.0)[0, -1])
+    out = copy.generate(x[:1, :4], 40, temperature=0.0, stop_tokens=(stop,))
+    assert out.shape[1] <= 7 and int(out[0, -1]) == stop, out
+model(x, x)[1].backward()  # the sharded model trains on, on both ranks
+# every rank scores with its own copy, rank 0 three forwards and rank 1 one
+copy = checkpoint.gathered_model(model, "cpu", all_ranks=True)
+with torch.no_grad():
+    for _ in range(3 if rank == 0 else 1):
+        assert torch.equal(copy(x)[0], ref(x)[0])  # the whole weights, gathered exactly
+model(x, x)[1].backward()
+dist.barrier()
+print("rank", rank, "done")
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_generation_and_uneven_scoring_run_no_collective(tmp_path):
+    # train.py samples on rank 0 and scores eval tasks per rank with a copy gathered from the FSDP shards: ranks that
+    # stop at different tokens or run different numbers of forwards cannot hang the next training step
+    script = tmp_path / "gathered.py"
+    script.write_text(GATHERED.format(root=ROOT))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and "rank 0 done" in p.stdout and "rank 1 done" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
 def test_sigterm_then_resume_is_bitwise(base_run, tiny_config, tmp_path):
     out = str(tmp_path / "pre")
     os.makedirs(out)

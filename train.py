@@ -507,7 +507,7 @@ model = raw_model
 if compile:
     print0("compiling the model (the first steps are slow)")
 if fsdp:
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # as torchtitan: the blocks compute with copies of the weights in the run's dtype (a bf16 all-gather moves half
     # the bytes of fp32) and gradients are reduce-scattered in fp32 into the fp32 shards AdamW updates
     mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
@@ -680,38 +680,34 @@ dpo_val = {}
 @torch.no_grad()
 def evaluate_tasks():
     # eval.py's scoring of eval_tasks, each rank its share of the examples; the per-example scores of all ranks make
-    # the mean and stderr: {task: {metric: (mean, stderr)}}. Under FSDP every shard is gathered for the duration (the scoring calls
-    # submodules directly), so ranks need not run the same number of forwards.
-    raw_model.eval()
-    sharded = [m for m in raw_model.modules() if isinstance(m, FSDPModule)] if fsdp else []
-    for m in sharded:
-        m.unshard()
+    # the mean and stderr: {task: {metric: (mean, stderr)}}. Under FSDP each rank scores with a whole copy gathered from
+    # the shards (checkpoint.gathered_model), so ranks need not run the same number of forwards.
+    scorer = checkpoint.gathered_model(raw_model, device, all_ranks=True) if fsdp else raw_model
+    scorer.eval()
     out = {}
     for task, limit in eval_task_list:
         examples = downstream.task_examples(task, limit, rank, world_size)
-        scores = gather(downstream.run_task(raw_model, tokenizer, task, examples, device=device, autocast=autocast,
+        scores = gather(downstream.run_task(scorer, tokenizer, task, examples, device=device, autocast=autocast,
                                             progress=False))  # every rank's {metric: [per-example value]}
         out[task.name] = {m: downstream.mean_stderr([v for s in scores for v in s[m]]) for m in scores[0]}
-    for m in sharded:
-        m.reshard()
     raw_model.train()
     return out
 
 
-def sample_text(step, prompt, n_tokens):
+def sampler():
+    # the model rank 0 samples with (None on other ranks). Under FSDP a whole copy gathered to rank 0 (every rank joins
+    # the gather), so generation runs no collective and cannot hang when it stops early at a stop token.
+    if fsdp:
+        return checkpoint.gathered_model(raw_model, device, all_ranks=False)
+    return raw_model.eval() if master_process else None
+
+
+def sample_text(gen_model, step, prompt, n_tokens):
     # a sampled continuation of prompt with its own generator, so the training RNG streams are untouched
     idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed + step)
-    raw_model.eval()
-    # FSDP: generate() calls submodules directly (and may copy weights), so gather every shard for its duration
-    sharded = [m for m in raw_model.modules() if isinstance(m, FSDPModule)] if fsdp else []
-    for m in sharded:
-        m.unshard()
     with autocast:
-        out = raw_model.generate(idx, n_tokens, temperature=0.7, top_p=0.9, stop_tokens=(tokenizer.eos_id,), generator=gen)
-    for m in sharded:
-        m.reshard()
-    raw_model.train()
+        out = gen_model.generate(idx, n_tokens, temperature=0.7, top_p=0.9, stop_tokens=(tokenizer.eos_id,), generator=gen)
     # a model may have more rows than the tokenizer has tokens (a padded vocab): ids past it are shown, not decoded
     return "".join(tokenizer.decode([i]) if i < tokenizer.vocab_size else f"<{i}?>" for i in out[0].tolist()) \
         if out.max() >= tokenizer.vocab_size else tokenizer.decode(out[0].tolist())
@@ -782,12 +778,14 @@ for step in range(start_step, max_steps + 1):
                     f"{m} {v:.4f}" + ("" if m == "random" else f" ± {se:.4f}") for m, (v, se) in res.items())
                     + f" | {time.time() - t1:.1f} s")
         log_metrics(rec)
-        # a sample at each eval (every rank under FSDP: generating gathers the shards); after the last step one per
-        # end prompt
+        # a sample at each eval (rank 0); after the last step one per end prompt
         prompts, n_tokens = (end_prompts, end_tokens) if last_step and end_prompts else ([sample_prompt], sample_tokens)
-        if master_process or fsdp:
-            for i, p in enumerate(p for p in prompts if p):
-                print0(f"sample: {sample_text(step + i, p, n_tokens)!r}")
+        if any(prompts):
+            gen_model = sampler()
+            for i, p in enumerate(p for p in prompts if p and gen_model is not None):
+                print0(f"sample: {sample_text(gen_model, step + i, p, n_tokens)!r}")
+            del gen_model
+            raw_model.train()
         t_last = None  # the eval's time is not a training step's
     eval_done = False
 
