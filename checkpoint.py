@@ -129,15 +129,79 @@ def nanosmol_to_hf(sd: dict, cfg) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 # -----------------------------------------------------------------------------
-# train.py's own checkpoints: out_dir/ckpt_<step>.pt, one torch.save dict, and out_dir/latest naming the newest
+# train.py's own checkpoints, and out_dir/latest naming the newest. Two formats:
+#   out_dir/ckpt_<step>.pt    one torch.save dict (single process and DDP: rank 0 writes the whole state)
+#   out_dir/ckpt_<step>.dcp/  FSDP: torch.distributed.checkpoint, each rank writing its shards in parallel, which any
+#                             world size (1 included) reads back resharded; meta.pt holds the rest of the dict
+# Both read back as the same dict (read_train_checkpoint); a .dcp one has "dcp" (its path) instead of the tensors.
 
-_CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
+_CKPT_RE = re.compile(r"ckpt_(\d+)\.(pt|dcp)$")
+
+
+def is_train_checkpoint(path):
+    return path.endswith(".pt") or os.path.isfile(os.path.join(path, "meta.pt"))
 
 
 def list_checkpoints(d):
-    # [(step, path)] oldest first; only complete files (temporary files end in .tmp)
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(d, "ckpt_*.pt")) if (m := _CKPT_RE.search(p))]
+    # [(step, path)] oldest first; only complete ones (temporary ones end in .tmp; a .dcp gets meta.pt last)
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(d, "ckpt_*")) if (m := _CKPT_RE.search(p))
+             and (p.endswith(".pt") or os.path.isfile(os.path.join(p, "meta.pt")))]
     return sorted(found)
+
+
+def read_train_checkpoint(path):
+    # the checkpoint's dict: tensors and plain containers only (a checkpoint file is untrusted input)
+    if path.endswith(".pt"):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    meta = torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
+    return {**meta, "dcp": path}
+
+
+def read_dcp_tensors(path, key):
+    # the whole tensors under `key` ("model", "swa_sum", ...) of a .dcp checkpoint, read by every rank that calls it
+    # (all ranks, under torchrun: a collective), as {name: tensor} on the CPU
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    sd = {k[len(key) + 1:]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.items()
+          if k.startswith(key + ".") and isinstance(m, TensorStorageMetadata)}
+    load_dcp_into(path, {key: sd})
+    return sd
+
+
+def load_dcp_into(path, state: dict):
+    # fills state ({key: {name: tensor or DTensor}}, e.g. an optimizer's get_optimizer_state_dict) in place from a .dcp
+    # checkpoint, resharded to the tensors' layout: how a run saved on N ranks resumes on M
+    import warnings
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():  # one process (sample.py, export.py) is the intent, not a missing torchrun
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=path, no_dist=not (dist.is_available() and dist.is_initialized()))
+
+
+def write_dcp_checkpoint(out_dir, step, state: dict, meta: dict, keep: int, rank0: bool) -> str:
+    # every rank: its shards of state into ckpt_<step>.dcp.tmp/ (DCP syncs the files and gathers the write results);
+    # then rank 0 adds meta.pt, renames the directory into place and moves out_dir/latest, as for a .pt file. On several
+    # nodes out_dir must be a shared filesystem.
+    import shutil
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    path = os.path.join(out_dir, f"ckpt_{step}.dcp")
+    if rank0 and os.path.exists(path + ".tmp"):
+        shutil.rmtree(path + ".tmp")  # left by a crash
+    dist.barrier()
+    dcp.save(state, checkpoint_id=path + ".tmp")
+    if rank0:
+        with open(os.path.join(path + ".tmp", "meta.pt"), "wb") as f:
+            torch.save(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(path + ".tmp", path)
+        _point_latest(out_dir, path, keep)
+    return path
 
 
 def latest_checkpoint(d):
@@ -161,25 +225,30 @@ def write_train_checkpoint(out_dir, step, ckpt: dict, keep: int) -> str:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+    _point_latest(out_dir, path, keep)
+    return path
+
+
+def _point_latest(out_dir, path, keep):
+    # out_dir/latest -> path, atomically; then only the newest `keep` checkpoints stay
+    import shutil
     with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
         f.write(os.path.basename(path) + "\n")
     os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
     for _, old in list_checkpoints(out_dir)[:-keep]:
-        os.remove(old)
-    return path
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
-def full_train_state(model, optimizer, fsdp: bool):
-    # (model, optimizer) state dicts, whole and on the CPU. Under FSDP a collective: every rank must call it. The
-    # optimizer state is keyed by parameter name (torch.distributed.checkpoint), so DDP and FSDP runs resume each other.
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+def full_train_state(model, optimizer):
+    # (model, optimizer) state dicts of an unsharded model, whole and on the CPU, for a .pt checkpoint. The optimizer
+    # state is keyed by parameter name (torch.distributed.checkpoint), so a DDP run's .pt also resumes under FSDP.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=full) if fsdp else {k: v.cpu() for k, v in model.state_dict().items()}
-    return model_sd, get_optimizer_state_dict(model, optimizer, options=full)
+    return {k: v.cpu() for k, v in model.state_dict().items()}, get_optimizer_state_dict(model, optimizer, options=full)
 
 
 def load_optimizer_state(model, optimizer, optim_sd):
-    # the inverse of full_train_state's second half, sharding the state again under FSDP
+    # the inverse of full_train_state's second half, sharding the state under FSDP
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
 

@@ -453,22 +453,24 @@ class GPT(nn.Module):
         if not (os.path.exists(init_from) or checkpoint.is_hub_id(init_from)):
             raise ValueError(f"--init_from={init_from}: no such file or directory (a train.py out_dir or ckpt_*.pt, a "
                              f"Hugging Face directory, a .gguf file, or a hub id like HuggingFaceTB/SmolLM2-135M)")
-        newest = checkpoint.latest_checkpoint(init_from) if os.path.isdir(init_from) else None
-        if not (init_from.endswith(".pt") or newest):
+        own = checkpoint.is_train_checkpoint(init_from)  # a ckpt_*.pt file or an FSDP run's ckpt_*.dcp directory
+        newest = checkpoint.latest_checkpoint(init_from) if os.path.isdir(init_from) and not own else None
+        if not (own or newest):
             model = cls.from_pretrained(init_from)
             if model.tokenizer is None:
                 raise ValueError(f"{init_from} carries no tokenizer (tokenizer.json); nothing to encode text with")
             return model, model.tokenizer, init_from
         # a train.py checkpoint: {'model', 'model_config', 'config', ...}; the newest one of an out_dir
-        path = init_from if init_from.endswith(".pt") else newest
+        path = init_from if own else newest
         try:  # a checkpoint file is untrusted input: tensors and plain containers only, never arbitrary pickled code
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = checkpoint.read_train_checkpoint(path)
         except pickle.UnpicklingError as e:
             raise ValueError(f"{path}: not a train.py checkpoint that loads safely (it holds objects other than "
                              f"tensors and plain containers; torch.load(weights_only=True) refused: "
                              f"{str(e).splitlines()[0][:200]})") from e
+        sd = ckpt["model"] if "dcp" not in ckpt else checkpoint.read_dcp_tensors(path, "model")
         model = cls.from_state_dict(GPTConfig(**ckpt["model_config"]),
-                                    {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()})
+                                    {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()})
         # train.py encodes with the tokenizer prepare.py stored beside the data (data_dir/tokenizer.json)
         tok_path = ckpt.get("config", {}).get("data_dir")
         if not (tok_path and os.path.exists(os.path.join(tok_path, "tokenizer.json"))):

@@ -156,11 +156,11 @@ def test_base_run_logs_and_checkpoints(base_run):
 
 
 def _get_lr_function(**g):
-    # the get_lr of train.py itself, compiled with the given globals
+    # the get_lr of train.py itself (and the decay window it asks wsd_decay_steps for), compiled with the given globals
     tree = ast.parse(open(TRAIN).read())
-    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "get_lr")
-    ns = {"math": math, **g}
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), TRAIN, "exec"), ns)
+    fns = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name in ("get_lr", "wsd_decay_steps")]
+    ns = {"math": math, "config": {"decay_frac": g.get("decay_frac"), "decay_steps": g.get("decay_steps", 0)}, **g}
+    exec(compile(ast.Module(body=fns, type_ignores=[]), TRAIN, "exec"), ns)
     return ns["get_lr"]
 
 
@@ -175,6 +175,8 @@ def test_schedule_values():
     assert sq(85) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.25))) and sq(100) == pytest.approx(0.1)
     cs = _get_lr_function(**wsd, decay_shape="cosine")
     assert cs(90) == pytest.approx(0.55) and cs(85) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+    steps = _get_lr_function(**wsd, decay_steps=30, decay_shape="linear")  # decay_steps over decay_frac
+    assert steps(69) == 1.0 and steps(85) == pytest.approx(0.55) and steps(100) == pytest.approx(0.1)
     cos = _get_lr_function(**{**wsd, "schedule": "cosine"}, decay_shape="linear")
     assert cos(10) == pytest.approx(1.0) and cos(55) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
     assert cos(32.5) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
@@ -243,7 +245,7 @@ with torch.no_grad():
         assert torch.equal(copy(x)[0], ref(x)[0])  # the whole weights, gathered exactly
 model(x, x)[1].backward()
 dist.barrier()
-print("rank", rank, "done")
+sys.stdout.write(f"rank {{rank}} done\\n")  # one write: the two ranks share the pipe
 dist.destroy_process_group()
 """
 
@@ -256,6 +258,37 @@ def test_fsdp_generation_and_uneven_scoring_run_no_collective(tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], capture_output=True, text=True, timeout=180)
     assert p.returncode == 0 and "rank 0 done" in p.stdout and "rank 1 done" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+def test_fsdp_sharded_checkpoints_resume_at_another_world_size(tiny_config, tmp_path):
+    # FSDP writes ckpt_<step>.dcp (each rank its shards); a run saved by 2 ranks resumes on 1 and on 2 and continues
+    # the uninterrupted run (fp32: FSDP on 2 ranks and one process sum in different orders, within 1e-5); optimizer,
+    # SWA (its eval at 2 ranks), data position and RNG come back too. sample.py/export.py read the sharded checkpoint as a whole model.
+    full = str(tmp_path / "full")
+    args = [tiny_config, "--fsdp=True", "--dtype=float32", "--keep_checkpoints=5"]
+    run(args + [f"--out_dir={full}"], torchrun=2)
+    assert sorted(f for f in os.listdir(full) if f.startswith("ckpt_")) == ["ckpt_16.dcp", "ckpt_24.dcp", "ckpt_8.dcp"]
+    values = lambda d: {(r["step"], k): r[k] for r in records(d) for k in ("loss", "val_loss", "swa_val_loss")
+                        if r.get(k) is not None}
+    want = values(full)
+    for nproc in (1, 2):
+        out = str(tmp_path / f"resumed{nproc}")
+        os.makedirs(out)
+        shutil.copytree(os.path.join(full, "ckpt_8.dcp"), os.path.join(out, "ckpt_8.dcp"))
+        p = run(args + [f"--out_dir={out}", "--init_from=resume"], torchrun=nproc if nproc > 1 else 0)
+        assert ("written by 2 ranks, now 1" if nproc == 1 else "resuming from") in p.stdout
+        got = values(out)
+        assert sorted(s for s, k in got if k == "loss") == list(range(8, 24))
+        assert ("swa_val_loss" in {k for _, k in got}) and {s for s, k in got if k == "val_loss"} == {16, 24}
+        for key, v in got.items():  # the validation set is eval_batches per rank: compare it at the same world size
+            if key[1] == "loss" or nproc == 2:
+                assert v == pytest.approx(want[key], rel=1e-5), (nproc, key, v, want[key])
+    hf = str(tmp_path / "hf")
+    subprocess.run([sys.executable, "export.py", f"--init_from={full}", f"--out={hf}"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=TIMEOUT)
+    from model import GPT
+    whole, exported = GPT.load(full)[0], GPT.from_pretrained(hf)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), exported.state_dict().values()))
 
 
 def test_sigterm_then_resume_is_bitwise(base_run, tiny_config, tmp_path):

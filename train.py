@@ -265,7 +265,7 @@ if init_from == "resume":
         raise SystemExit(f"--init_from=resume but {out_dir} has no ckpt_*.pt: train from scratch first, or point "
                          f"--out_dir at the run to continue")
     if ckpt_path is not None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = checkpoint.read_train_checkpoint(ckpt_path)
         print0(f"resuming from {ckpt_path} (step {ckpt['step']})")
         if decay_from:  # a cooldown branch's own checkpoint: its length was fixed when it branched
             max_steps = config["max_steps"] = ckpt["config"]["max_steps"]
@@ -273,9 +273,10 @@ if decay_from and ckpt is None:
     # a cooldown branch (Hägele et al. 2024): everything of the source run's checkpoint, as a resume would take it,
     # then a decay of decay_steps. Writes only to out_dir.
     ckpt_path = checkpoint.latest_checkpoint(decay_from) if os.path.isdir(decay_from) else decay_from
-    if not (ckpt_path and os.path.isfile(ckpt_path) and ckpt_path.endswith(".pt")):
-        raise SystemExit(f"decay_from={decay_from!r}: not a ckpt_*.pt file or an out_dir holding one")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if not (ckpt_path and os.path.exists(ckpt_path) and checkpoint.is_train_checkpoint(ckpt_path)):
+        raise SystemExit(f"decay_from={decay_from!r}: not a train.py checkpoint (ckpt_*.pt / ckpt_*.dcp) or an out_dir "
+                         f"holding one")
+    ckpt = checkpoint.read_train_checkpoint(ckpt_path)
     k, src_cfg = ckpt["step"], ckpt["config"]
     src_decay = src_cfg["max_steps"] - wsd_decay_steps(src_cfg["max_steps"], src_cfg)
     if src_cfg["schedule"] != "wsd" or not src_cfg["warmup_steps"] <= k <= src_decay:
@@ -394,11 +395,15 @@ runtime_cfg = dict(triton_rmsnorm=triton_rmsnorm, triton_rope=triton_rope, trito
                    fused_head=fused_head)  # runtime switches, not weights: this run's, also over a checkpoint's
 model_name = model  # the config key; `model` becomes the module below
 init_tokenizer = None  # (tokenizer, where from) of init_from's weights, checked against the data's tokenizer
-if ckpt is None and os.path.isdir(init_from) and checkpoint.latest_checkpoint(init_from):
+if ckpt is None and os.path.isdir(init_from) and not checkpoint.is_train_checkpoint(init_from) \
+        and checkpoint.latest_checkpoint(init_from):
     init_from = checkpoint.latest_checkpoint(init_from)  # a train.py out_dir: its newest checkpoint (sft -> dpo)
-if ckpt is not None or init_from.endswith(".pt"):
-    src = ckpt if ckpt is not None else torch.load(init_from, map_location="cpu", weights_only=True)
-    raw_model = GPT.from_state_dict(GPTConfig(**{**src["model_config"], **runtime_cfg}), src["model"], device)
+if ckpt is not None or (init_from != "scratch" and checkpoint.is_train_checkpoint(init_from)):
+    src = ckpt if ckpt is not None else checkpoint.read_train_checkpoint(init_from)
+    # a .dcp checkpoint (FSDP) of any world size: every rank reads the whole weights, sharded again below
+    weights = src["model"] if "dcp" not in src else checkpoint.read_dcp_tensors(src["dcp"], "model")
+    raw_model = GPT.from_state_dict(GPTConfig(**{**src["model_config"], **runtime_cfg}), weights, device)
+    del weights
     if ckpt is None:
         print0(f"initialised from {init_from} (step {src.get('step')}): weights only, a fresh optimizer at step 0")
         _src_data = src.get("config", {}).get("data_dir")  # that run's tokenizer, where its data directory still is
@@ -554,15 +559,29 @@ start_step, eval_done, nonfinite_total, nonfinite_run = 0, False, 0, 0
 swa_sum, swa_count, swa_avg = None, 0, None  # fp32 copies of the parameters (sharded like them under FSDP)
 named_params = list(raw_model.named_parameters())  # a tied tensor appears once
 
-if ckpt is not None:
+if ckpt is not None and "dcp" in ckpt:
+    # a .dcp checkpoint: optimizer state and SWA tensors read straight into this run's layout (any world size)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = {"optimizer": get_optimizer_state_dict(raw_model, optimizer)}
+    sw = ckpt.get("swa")
+    for key in ("sum", "avg"):
+        if sw is not None and sw[key]:
+            state[f"swa_{key}"] = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named_params}
+    checkpoint.load_dcp_into(ckpt["dcp"], state)
+    set_optimizer_state_dict(raw_model, optimizer, state["optimizer"])
+    if sw is not None:
+        swa_count = sw["count"]
+        swa_sum, swa_avg = ([state[k][n] for n, _ in named_params] if k in state else None for k in ("swa_sum", "swa_avg"))
+elif ckpt is not None:
     checkpoint.load_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
-    start_step, eval_done = ckpt["step"], ckpt["eval_done"]
-    nonfinite_total, nonfinite_run = ckpt["nonfinite"]
     if ckpt.get("swa") is not None:
         sw = ckpt["swa"]
         swa_count = sw["count"]
         swa_sum = [checkpoint.like_param(sw["sum"][n], p) for n, p in named_params] if sw["sum"] is not None else None
         swa_avg = [checkpoint.like_param(sw["avg"][n], p) for n, p in named_params] if sw["avg"] is not None else None
+if ckpt is not None:
+    start_step, eval_done = ckpt["step"], ckpt["eval_done"]
+    nonfinite_total, nonfinite_run = ckpt["nonfinite"]
     checkpoint.set_rng_state(ckpt["rng"][rank if ckpt["world_size"] == world_size else 0], device_type == "cuda")
     del ckpt
 
@@ -577,22 +596,31 @@ def gather(obj):
 
 
 def save_checkpoint(step, eval_done):
-    # rank 0 writes ckpt_<step>.pt atomically (checkpoint.py). Under FSDP every rank joins the gathers of the shards
-    # (rank 0 keeps the whole state); DDP replicas are equal, so only rank 0 copies the weights and optimizer state
-    model_sd = optim_sd = swa_state = None
-    if fsdp or master_process:
-        model_sd, optim_sd = checkpoint.full_train_state(raw_model, optimizer, fsdp)
-        if swa:
-            full = lambda ts: {n: checkpoint.to_full(t).cpu() for (n, _), t in zip(named_params, ts)} if ts is not None else None
-            swa_state = {"count": swa_count, "sum": full(swa_sum), "avg": full(swa_avg)}
+    # FSDP: every rank writes its shards of ckpt_<step>.dcp in parallel (torch.distributed.checkpoint). Else rank 0
+    # writes ckpt_<step>.pt: DDP replicas are equal, so only rank 0 copies the weights and optimizer state.
     loader_states, rng_states = gather(loader.state_dict()), gather(checkpoint.rng_state(device_type == "cuda"))
+    meta = {"model_config": asdict(raw_model.config), "step": step, "config": config, "loader": loader_states,
+            "rng": rng_states, "world_size": world_size, "nonfinite": [nonfinite_total, nonfinite_run],
+            "eval_done": eval_done, "init_origin": init_origin}
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        t0 = time.time()
+        state = {"model": get_model_state_dict(raw_model), "optimizer": get_optimizer_state_dict(raw_model, optimizer)}
+        for key, ts in (("swa_sum", swa_sum), ("swa_avg", swa_avg)):
+            if swa and ts is not None:
+                state[key] = {n: t for (n, _), t in zip(named_params, ts)}
+        meta["swa"] = {"count": swa_count, "sum": swa_sum is not None, "avg": swa_avg is not None} if swa else None
+        path = checkpoint.write_dcp_checkpoint(out_dir, step, state, meta, keep_checkpoints, master_process)
+        print0(f"saved {path} ({time.time() - t0:.1f} s)")
+        barrier()
+        return
     if master_process:
         t0 = time.time()
-        path = checkpoint.write_train_checkpoint(out_dir, step, {
-            "model": model_sd, "optimizer": optim_sd, "model_config": asdict(raw_model.config), "step": step,
-            "config": config, "loader": loader_states, "rng": rng_states, "world_size": world_size,
-            "swa": swa_state, "nonfinite": [nonfinite_total, nonfinite_run], "eval_done": eval_done,
-            "init_origin": init_origin}, keep_checkpoints)
+        model_sd, optim_sd = checkpoint.full_train_state(raw_model, optimizer)
+        full = lambda ts: {n: t.cpu() for (n, _), t in zip(named_params, ts)} if ts is not None else None
+        swa_state = {"count": swa_count, "sum": full(swa_sum), "avg": full(swa_avg)} if swa else None
+        path = checkpoint.write_train_checkpoint(out_dir, step, {"model": model_sd, "optimizer": optim_sd,
+                                                                 "swa": swa_state, **meta}, keep_checkpoints)
         print0(f"saved {path} ({time.time() - t0:.1f} s)")
     barrier()
 
