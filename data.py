@@ -271,11 +271,14 @@ class _Source:
         return out, pos
 
     def gather(self, starts, length, buf, rows):  # buf[rows[i]] = stream[starts[i] : starts[i] + length]
+        if len(starts) == 0:
+            return
         epoch, q = np.divmod(starts, self.n)
         slow = []
-        for e in np.unique(epoch).tolist():
-            sel = np.flatnonzero(epoch == e)
-            cstart, cum = self._table(e)
+        groups = [np.arange(len(starts))] if epoch.min() == epoch.max() else \
+            [np.flatnonzero(epoch == e) for e in np.unique(epoch)]  # nearly always one epoch
+        for sel in groups:
+            cstart, cum = self._table(int(epoch[sel[0]]))
             k = cum.searchsorted(q[sel], side="right") - 1
             fits = q[sel] + length <= cum[k + 1]           # inside one chunk: one contiguous slice of the file
             a = cstart[k] + q[sel] - cum[k]
