@@ -257,8 +257,7 @@ def gathered_model(model, device, all_ranks: bool):
     # a plain (unwrapped) copy of an FSDP-sharded model, gathered from the shards, in eval mode: on every rank, or on
     # rank 0 only (the others get None). A collective: every rank calls it. Generating or scoring with the copy runs no
     # collective, so ranks may stop at different tokens or run different numbers of forwards. (Forwards of the sharded
-    # model after unshard() still all-gather, and they also leave FSDP's forward order, which its backward prefetch
-    # replays, differing between ranks: the next training step then hangs.)
+    # model, even after unshard(), still run FSDP's hooks: rank 0 generating alone hung the next training step.)
     import dataclasses
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks))

@@ -237,7 +237,8 @@ def social_iqa_available():
 @needs_weights
 def test_loglikelihoods_equal_lm_evaluation_harness_on_social_iqa():
     # bench/lm_eval_social_iqa.json holds lm-eval 0.4.13's per-choice log-likelihoods (--log_samples, fp32, the same
-    # exported weights) for the first 300 items of BIG-bench's social_iqa; bench/eval.py regenerates it
+    # exported weights) for the first 300 items of BIG-bench's social_iqa; bench/eval.py regenerates it. CI compares the
+    # first 150 (449 choices), to keep its time; all 300 agree as well (BENCHMARKS.md)
     if not social_iqa_available():
         if os.environ.get("CI"):
             pytest.fail("CI must provide BIG-bench: pip download --no-deps bigbench==1.0.0 -d data_cache/eval")
@@ -245,14 +246,14 @@ def test_loglikelihoods_equal_lm_evaluation_harness_on_social_iqa():
     with open(os.path.join(ROOT, "bench/lm_eval_social_iqa.json")) as f:
         ref = json.load(f)
     task = ev.load_task("bigbench:social_iqa", os.path.join(ROOT, "data_cache/eval"))
-    n = len(ref["loglikelihoods"])
-    assert n >= 300
+    assert len(ref["loglikelihoods"]) >= 300
+    n = 150
     model, tok, _ = GPT.load("")
     got = []
     scores = ev.run_task(model, tok, task, list(range(n)), progress=False, log=got.append)
     diff = max(abs(a - b) for r, g in zip(ref["loglikelihoods"], got) for a, b in zip(r, g["loglikelihoods"]))
     assert diff <= 1e-4, diff
-    assert scores["acc"] == ref["acc"] and scores["acc_norm"] == ref["acc_norm"]
+    assert len(got) == n and scores["acc"] == ref["acc"][:n] and scores["acc_norm"] == ref["acc_norm"][:n]
 
 
 # ----------------------------------------------------------------------------- bad input

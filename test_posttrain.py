@@ -227,14 +227,14 @@ def test_demo_shortened_sft_then_dpo_on_the_real_model(demo, tmp_path):
     # zero with SFT and is not lowered by DPO, whose held-out reward accuracy rises from zero
     import eval as ev
     task = ev.load_task("chat_demo")
-    em = lambda src: sum(ev.run_task(*GPT.load(src)[:2], task, list(range(12)), chat=True, progress=False)["exact_match"])
+    em = lambda src: sum(ev.run_task(*GPT.load(src)[:2], task, list(range(8)), chat=True, progress=False)["exact_match"])
     assert em("") == 0  # the instruct model answers in its own words
     common = ["--sample_prompt=", "--checkpoint_interval=1000", "--log_interval=1"]
     train(["configs/sft_demo.py", f"--data_dir={demo}/sft", "--epochs=0.0", "--max_steps=10", "--eval_interval=1000",
            "--eval_batches=1", "--warmup_steps=2", "--learning_rate=2e-4", "--total_batch_tokens=1024",
            "--micro_batch_size=4", *common], tmp_path / "sft")
     after_sft = em(str(tmp_path / "sft"))
-    assert after_sft >= 3, after_sft  # 0 before; 6 of 12 here and 74 of 100 (the full demo) measured
+    assert after_sft >= 2, after_sft  # 0 before; 6 of the first 12 here and 74 of 100 (the full demo) measured
     train(["configs/dpo_demo.py", f"--data_dir={demo}/dpo", f"--init_from={tmp_path / 'sft'}", "--max_steps=4",
            "--eval_interval=4", "--batch_pairs=8", "--warmup_steps=1", *common], tmp_path / "dpo")
     with open(tmp_path / "dpo" / "metrics.jsonl") as f:
@@ -253,33 +253,19 @@ def run_procs(args, out, nproc, fsdp=False):
     return losses(out)
 
 
-def two_proc_args(demo, sft_out):
+def test_two_processes_match_one(demo, tmp_path):
+    # the same global batch on 1 rank x 2 micro steps and on 2 ranks x 1: SFT's mean over the global batch's trained
+    # tokens and DPO's mean over its pairs come out the same. Under FSDP2; DDP averages gradients as FSDP does (the
+    # scaling is the same code), and test_train.py runs DDP against one process
     sft = TINY + [f"--data_dir={demo}/sft", "--objective=sft", "--block_size=128", "--micro_batch_size=2",
                   "--total_batch_tokens=512", "--max_steps=4", "--eval_interval=4"]
-    dpo = TINY + [f"--data_dir={demo}/dpo", "--objective=dpo", f"--init_from={sft_out}", "--micro_batch_size=4",
+    dpo = TINY + [f"--data_dir={demo}/dpo", "--objective=dpo", f"--init_from={tmp_path / 'sft1'}", "--micro_batch_size=4",
                   "--batch_pairs=8", "--max_steps=4", "--eval_interval=4"]
-    return sft, dpo
-
-
-@pytest.fixture(scope="module")
-def one_process_runs(demo, tmp_path_factory):
-    # the single-process SFT and DPO runs both parametrisations below compare with (run once)
-    d = tmp_path_factory.mktemp("one_process")
-    sft, dpo = two_proc_args(demo, d / "sft1")
-    return d, run_procs(sft, d / "sft1", 1), run_procs(dpo, d / "dpo1", 1)
-
-
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_match_one(demo, one_process_runs, tmp_path, fsdp):
-    # the same global batch on 1 rank x 2 micro steps and on 2 ranks x 1: SFT's mean over the global batch's trained
-    # tokens and DPO's mean over its pairs come out the same
-    d, sft_one, dpo_one = one_process_runs
-    sft, dpo = two_proc_args(demo, d / "sft1")
-    two = run_procs(sft, tmp_path / "sft2", 2, fsdp)
-    for a, b in zip(sft_one[0] + sft_one[1], two[0] + two[1]):
+    one, two = run_procs(sft, tmp_path / "sft1", 1), run_procs(sft, tmp_path / "sft2", 2, fsdp=True)
+    for a, b in zip(one[0] + one[1], two[0] + two[1]):
         assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-5), (a, b)
-    two = run_procs(dpo, tmp_path / "dpo2", 2, fsdp)
-    for a, b in zip(dpo_one[0] + dpo_one[1], two[0] + two[1]):
+    one, two = run_procs(dpo, tmp_path / "dpo1", 1), run_procs(dpo, tmp_path / "dpo2", 2, fsdp=True)
+    for a, b in zip(one[0] + one[1], two[0] + two[1]):
         assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-5, abs=1e-6), (a, b)
 
 

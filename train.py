@@ -164,8 +164,9 @@ if decay_steps < 0 or (decay_from and (schedule != "wsd" or decay_steps == 0)):
 if decay_from and init_from not in ("scratch", "resume"):
     raise SystemExit(f"config error: decay_from={decay_from!r} says where this run starts; init_from={init_from!r} "
                      f"would too. Leave init_from unset (or 'resume', to continue the branch itself)")
-if decay_from and os.path.realpath(decay_from if os.path.isdir(decay_from) else os.path.dirname(decay_from) or ".") \
-        == os.path.realpath(out_dir):
+_src_dir = os.path.dirname(os.path.normpath(decay_from)) if decay_from.endswith(".pt") or \
+    os.path.isfile(os.path.join(decay_from, "meta.pt")) else decay_from  # a checkpoint's run, or a run
+if decay_from and os.path.realpath(_src_dir or ".") == os.path.realpath(out_dir):
     raise SystemExit(f"config error: decay_from={decay_from!r} is in out_dir={out_dir!r}: a branch writes to its own "
                      f"out_dir, so that the source run can go on and branch again")
 _schedule_known = warmup_frac == 0 and not (objective != "pretrain" and epochs > 0) and not decay_from
@@ -262,8 +263,8 @@ ckpt = None
 if init_from == "resume":
     ckpt_path = checkpoint.latest_checkpoint(out_dir)
     if ckpt_path is None and not decay_from:
-        raise SystemExit(f"--init_from=resume but {out_dir} has no ckpt_*.pt: train from scratch first, or point "
-                         f"--out_dir at the run to continue")
+        raise SystemExit(f"--init_from=resume but {out_dir} has no checkpoint (ckpt_*.pt / ckpt_*.dcp): train from "
+                         f"scratch first, or point --out_dir at the run to continue")
     if ckpt_path is not None:
         ckpt = checkpoint.read_train_checkpoint(ckpt_path)
         print0(f"resuming from {ckpt_path} (step {ckpt['step']})")
