@@ -142,6 +142,9 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.weight_t = None
 
+    def reset_parameters(self):
+        _init_unless_meta(self, super().reset_parameters)
+
     def forward(self, x):
         if self.weight_t is not None and x.shape[-2] == 1:
             return x @ self.weight_t
@@ -236,11 +239,23 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def _init_unless_meta(module, init):
+    # PyTorch's default init, except on the meta device (a model built there to adopt a checkpoint's tensors): a meta
+    # tensor has nothing to draw, and its init ops would import torch._dynamo (~2 s) into sample.py, eval.py, export.py
+    if not module.weight.is_meta:
+        init()
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self):
+        _init_unless_meta(self, super().reset_parameters)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.tok_embeddings = Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps, config.triton_rmsnorm)
         self.output = Linear(config.n_embd, config.vocab_size)
@@ -256,7 +271,7 @@ class GPT(nn.Module):
         # (re)build the fp32 cos/sin tables: also the long-context switch (2k -> 8k context, larger theta)
         self.config.block_size, self.config.rope_theta = block_size, rope_theta
         device = self.tok_embeddings.weight.device
-        device = None if device.type == "meta" else device
+        device = "cpu" if device.type == "meta" else device  # a meta model's tables are rebuilt once it has weights
         cos, sin = rope_tables(block_size, self.config.head_dim, rope_theta, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
