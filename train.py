@@ -164,8 +164,9 @@ if decay_steps < 0 or (decay_from and (schedule != "wsd" or decay_steps == 0)):
 if decay_from and init_from not in ("scratch", "resume"):
     raise SystemExit(f"config error: decay_from={decay_from!r} says where this run starts; init_from={init_from!r} "
                      f"would too. Leave init_from unset (or 'resume', to continue the branch itself)")
-_src_dir = os.path.dirname(os.path.normpath(decay_from)) if decay_from.endswith(".pt") or \
-    os.path.isfile(os.path.join(decay_from, "meta.pt")) else decay_from  # a checkpoint's run, or a run
+import checkpoint  # noqa: E402 (train checkpoints: written, found and restored there, shared with sample.py)
+_src_dir = decay_from and (os.path.dirname(os.path.normpath(decay_from)) if checkpoint.is_train_checkpoint(decay_from)
+                           else decay_from)  # a checkpoint's run, or a run
 if decay_from and os.path.realpath(_src_dir or ".") == os.path.realpath(out_dir):
     raise SystemExit(f"config error: decay_from={decay_from!r} is in out_dir={out_dir!r}: a branch writes to its own "
                      f"out_dir, so that the source run can go on and branch again")
@@ -255,9 +256,6 @@ from model import GPT, GPTConfig, PRESETS, document_mask, peak_flops  # noqa: E4
 
 # -----------------------------------------------------------------------------
 # checkpoints: find the one to resume from before anything else, since it carries the model shape and the step
-
-import checkpoint  # noqa: E402 (train checkpoints: written, found and restored there, shared with sample.py)
-
 
 ckpt = None
 if init_from == "resume":
