@@ -9,6 +9,7 @@ References: ../shared/REFERENCE.md, nanoGPT (model owns init, optimizer groups a
 import math
 import os
 import pickle
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,6 +89,12 @@ def _use_kernel(flag: Optional[bool], x: torch.Tensor) -> bool:
 def _kernels():
     import kernels  # noqa: lazy so model.py imports without triton
     return kernels
+
+
+def _cpu_kernels():
+    # cpu_kernels (C, compiled on first use), or None where this machine has no C compiler: PyTorch then
+    import cpu_kernels
+    return cpu_kernels if cpu_kernels.available() else None
 
 
 # -----------------------------------------------------------------------------
@@ -209,8 +216,15 @@ class Attention(nn.Module):
                 if pos > 0:  # a chunk after a prefix: query i sees keys <= pos + i
                     causal = False
                     mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv)
-            y = y.transpose(1, 2)  # (B, T, H, D)
+            dt, upcast = q.dtype, nullcontext()
+            if x.device.type == "cpu" and dt != torch.float32 and torch.is_grad_enabled() and q.requires_grad:
+                # training under CPU autocast: SDPA's CPU flash backward is slower in bf16 than in fp32 (a quickstart
+                # layer's: 18-20 vs 8 ms, BENCHMARKS.md; its forward alone is faster in bf16). Autocast would cast
+                # the fp32 inputs straight back to bf16, so it is off for this call.
+                q, k, v, upcast = q.float(), k.float(), v.float(), torch.autocast("cpu", enabled=False)
+            with upcast:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv)
+            y = y.to(dt).transpose(1, 2)  # (B, T, H, D)
         return self.wo(y.reshape(B, T, H * D))
 
 
@@ -517,37 +531,47 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     # Mean cross-entropy of h @ w^T without the (N, vocab) fp32 logits (2048 x 49152 x 4 B = 400 MB for the
     # quickstart's 8 x 256 micro-batch, 1.5 GiB for 135M's 4 x 2048): rows go through in chunks, and each chunk's
     # logits become its loss and, at once, its share of dh and dw. The gradients are made in forward (the logits exist
-    # only there) and scaled by the incoming gradient in backward. Per chunk one log_softmax (fp32, read straight from
-    # the matmul's output) and one exp touch the (n, vocab) block; everything else is (n, C) or (vocab, C) sized.
+    # only there) and scaled by the incoming gradient in backward. On a CPU, cpu_kernels.softmax_xent turns a chunk's
+    # logits into its loss and logit gradient in one pass; elsewhere one log_softmax (fp32, read straight from the
+    # matmul's output) and one exp touch the (n, vocab) block. Everything else is (n, C) or (vocab, C) sized.
     @staticmethod
     def forward(ctx, h, w, targets, dtype, chunk, grad_enabled, reduction):
         # h (N, C), w (vocab, C), targets (N,) with -100 = no loss; matmuls in dtype, softmax and sums in fp32.
         # needs_input_grad is True for a parameter even under no_grad (evaluation): grad_enabled says whether it counts
         need_dh, need_dw = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
+        use_c = h.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and _cpu_kernels() is not None
         with torch.autocast(h.device.type, enabled=False):
             wc = w.to(dtype)
             dh = torch.empty_like(h) if need_dh else None
             # dw accumulates in dtype (addmm into it: oneDNN sums each product in fp32, rounding once per chunk; bf16
             # -> fp32 conversions of a (vocab, C) block cost more than the matmul on a CPU), as Liger's does
-            dw = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_dw else None
+            dw = None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for s in range(0, h.shape[0], chunk):
                 hc, t = h[s:s + chunk].to(dtype), targets[s:s + chunk]
-                valid = (t != -100)[:, None]  # (n, 1)
-                tc = torch.where(valid[:, 0], t, 0)  # (n,): an ignored row points at token 0, then is masked
-                logp = torch.log_softmax(hc @ wc.t(), dim=-1, dtype=torch.float32)  # (n, vocab)
-                rows = torch.arange(len(tc), device=h.device)
-                logp_t = logp[rows, tc]  # (n,) log-probability of each target
-                total -= (logp_t * valid[:, 0]).sum()
-                if not (need_dh or need_dw):
-                    continue
-                # d(summed loss)/d(logits) = softmax - onehot(target), rounded once to dtype (as autocast's backward)
-                g = logp.exp_().to(dtype)
-                g[rows, tc] = (logp_t.exp() - 1).to(dtype)
+                if use_c:
+                    # d(summed loss)/d(logits) = softmax - onehot(target), rounded once to dtype (as autocast's
+                    # backward); ignored rows get 0, so they add nothing to dh and dw
+                    g = hc @ wc.t()
+                    total -= torch.ops.nanosmol.softmax_xent_(g, t).sum()
+                else:
+                    valid = (t != -100)[:, None]  # (n, 1)
+                    tc = torch.where(valid[:, 0], t, 0)  # (n,): an ignored row points at token 0, then is masked
+                    logp = torch.log_softmax(hc @ wc.t(), dim=-1, dtype=torch.float32)  # (n, vocab)
+                    rows = torch.arange(len(tc), device=h.device)
+                    logp_t = logp[rows, tc]  # (n,) log-probability of each target
+                    total -= (logp_t * valid[:, 0]).sum()
+                    if not (need_dh or need_dw):
+                        continue
+                    g = logp.exp_().to(dtype)
+                    g[rows, tc] = (logp_t.exp() - 1).to(dtype)
+                    hc = hc * valid  # ignored rows: no share of dw, and (below) no dh
                 if need_dh:
-                    dh[s:s + chunk] = (g @ wc) * valid  # ignored rows: no gradient
-                if need_dw:
-                    dw.addmm_(g.t(), hc * valid)  # (vocab, C)
+                    dh[s:s + chunk] = g @ wc if use_c else (g @ wc) * valid
+                if need_dw:  # (vocab, C); the first chunk writes it, so it needs no zeroing
+                    dw = g.t() @ hc if dw is None else dw.addmm_(g.t(), hc)
+            if need_dw and dw is None:  # no rows
+                dw = torch.zeros(w.shape, dtype=dtype, device=w.device)
             # mean: 0 targets -> nan, as F.cross_entropy; sum: 0, with zero gradients
             n = (targets != -100).sum() if reduction == "mean" else torch.ones((), device=h.device)
             ctx.save_for_backward(dh, dw, n)
@@ -558,16 +582,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         dh, dw, n = ctx.saved_tensors
         scale = grad / n
+        # dw: one (vocab, C) copy in fp32, scaled in place (a copy even in fp32: the saved dw stays as it is)
         return (dh * scale.to(dh.dtype) if dh is not None else None,
-                (dw.float() * scale).to(ctx.w_dtype) if dw is not None else None, None, None, None, None, None)
+                dw.to(torch.float32, copy=True).mul_(scale).to(ctx.w_dtype) if dw is not None else None,
+                None, None, None, None, None)
 
 
 def fused_cross_entropy(h, w, targets, chunk: Optional[int] = None, reduction: str = "mean"):
     # == F.cross_entropy((h @ w.T).float(), targets, ignore_index=-100), also under autocast (matmuls in its dtype).
-    # chunk: rows at a time; the default keeps a chunk's fp32 log-probabilities near 16 MB on a CPU (cache-sized: 85
-    # rows of 49152: 64-128 measured fastest of 64-512 on this project's CPU) and 256 MB on a GPU (few, large launches)
+    # chunk: rows at a time; the default is a multiple of 16 rows (AMX tiles) whose logits take ~32M elements on a CPU
+    # and 64M on a GPU. On the CPU, each chunk re-reads the (vocab, C) weight three times and rewrites dw, so larger
+    # chunks are faster as long as freed memory is not handed back to the OS (train.py: cpu_kernels.keep_freed_memory):
+    # 672 rows of 49152 (64 MB of bf16 logits) ran 1.2x faster than 160 (BENCHMARKS.md)
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else w.dtype
-    chunk = chunk or max(16, (1 << (22 if h.device.type == "cpu" else 26)) // w.shape[0])
+    if chunk is None:  # as many chunks as that takes, of equal size (no last sliver), rounded up to 16 rows
+        most = max(16, (1 << (25 if h.device.type == "cpu" else 26)) // w.shape[0] // 16 * 16)
+        n_chunks = max(1, math.ceil(h.shape[0] / most))
+        chunk = math.ceil(h.shape[0] / n_chunks / 16) * 16 or 16
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: mean or sum")
     return _FusedLinearCrossEntropy.apply(h, w, targets, dtype, chunk, torch.is_grad_enabled(), reduction)

@@ -373,13 +373,58 @@ def test_cached_decode_steps_match_full_forward(dtype, n_embd):
 
 # ---------------------------------------------------------------------------- the fused output head + loss
 
+def test_cpu_kernel_softmax_xent_matches_pytorch():
+    # cpu_kernels.softmax_xent_ (C, compiled here) against PyTorch's log_softmax: logits overwritten by softmax - onehot
+    # rounded once to their dtype, and the log-probability of each target; ignored rows (-100) get zeros. A vocabulary
+    # that is not a multiple of the vector width, a row spanning 1e4 (exp underflows to 0), and bad targets refused.
+    import cpu_kernels
+    if not cpu_kernels.available():
+        assert not os.environ.get("CI"), f"CI must run the C kernel: {cpu_kernels.why_unavailable()}"
+        pytest.skip(cpu_kernels.why_unavailable())
+    torch.manual_seed(0)
+    n, V = 37, 1001
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(n, V) * 4).to(dtype)
+        x[5, 7] = 1e4  # one certain token: its row's other exps underflow
+        t = torch.randint(0, V, (n,))
+        t[[3, 20, 21]] = -100
+        t[5] = 7
+        ref = torch.log_softmax(x.float(), dim=-1)
+        valid = t != -100
+        want = ref.exp()
+        want[valid.nonzero()[:, 0], t[valid]] -= 1
+        want[~valid] = 0
+        g = x.clone()
+        logp = torch.ops.nanosmol.softmax_xent_(g, t)
+        assert g.dtype == dtype and logp.dtype == torch.float32
+        torch.testing.assert_close(logp[valid], ref[valid.nonzero()[:, 0], t[valid]], rtol=1e-6, atol=2e-6)
+        assert (logp[~valid] == 0).all() and (g[~valid] == 0).all() and logp[5] == 0 and g[5, 7] == 0
+        # within 4 fp32 ulps, or bf16's rounding (2^-9 relative, a half-ulp of 1 at the target's p - 1)
+        ulp = 2.0 ** (-23 if dtype == torch.float32 else -8)
+        torch.testing.assert_close(g.float(), want, rtol=4 * ulp if dtype == torch.float32 else ulp / 2, atol=ulp / 2)
+        assert g[5].abs().max() == 0  # exp(-1e4) is 0, not merely tiny
+    with pytest.raises(IndexError, match="out of range"):
+        torch.ops.nanosmol.softmax_xent_(torch.zeros(2, V), torch.tensor([0, V]))
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.nanosmol.softmax_xent_(torch.zeros(V, 2).t(), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("kernel", ["C", "PyTorch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_cross_entropy_matches_plain(dtype):
+def test_fused_cross_entropy_matches_plain(dtype, kernel, monkeypatch):
     # loss and gradients of fused_cross_entropy against logits + F.cross_entropy, with ignored targets, a row (the
-    # first 23 positions) with no trained token, and chunks that do not divide the rows. bf16 autocast: both paths
-    # round the logits' gradient to bf16 (8 significant bits, 2^-9 relative); the plain path rounds each weight-gradient
-    # sum once, the fused one once per chunk, so a few bf16 ulps (2e-2 of the largest entry) separate them.
+    # first 23 positions) with no trained token, and chunks that do not divide the rows; on the CPU with the C kernel
+    # (cpu_kernels) and with the PyTorch code every other device runs. bf16 autocast: both paths round the logits'
+    # gradient to bf16 (8 significant bits, 2^-9 relative); the plain path rounds each weight-gradient sum once, the
+    # fused one once per chunk, so a few bf16 ulps (2e-2 of the largest entry) separate them.
+    import cpu_kernels
+    import model as M
     from model import fused_cross_entropy
+    if kernel == "PyTorch":
+        monkeypatch.setattr(M, "_cpu_kernels", lambda: None)
+    elif not cpu_kernels.available():
+        assert not os.environ.get("CI"), f"CI must run the C kernel: {cpu_kernels.why_unavailable()}"
+        pytest.skip(cpu_kernels.why_unavailable())
     torch.manual_seed(0)
     N, C, V = 300, 48, 1000
     h0, w0 = torch.randn(N, C), torch.randn(V, C) * 0.2
@@ -412,7 +457,30 @@ def test_fused_cross_entropy_matches_plain(dtype):
     with torch.no_grad(), CountMatmuls():  # evaluation (a parameter's requires_grad set): the same loss, no gradients made
         ev = fused_cross_entropy(h0, w0.clone().requires_grad_(), t, chunk=64)
     assert torch.allclose(ev, F.cross_entropy(h0 @ w0.t(), t), rtol=1e-6) and CountMatmuls.n == 5  # the 5 chunks' logits
+    calls = []
+    monkeypatch.setattr(torch.ops.nanosmol, "softmax_xent_", lambda *a: calls.append(1) or cpu_kernels.softmax_xent_(*a))
+    fused_cross_entropy(h0, w0, t)
+    assert len(calls) == (kernel == "C")  # the default chunk (all 300 rows here) went through the kernel, or did not
     assert fused_cross_entropy(h0, w0, torch.full((N,), -100)).isnan()  # as F.cross_entropy: 0/0
+
+
+def test_cpu_autocast_training_runs_attention_in_fp32(monkeypatch):
+    # SDPA's CPU backward is ~2x slower in bf16: training under CPU autocast hands it fp32 (with autocast off around
+    # the call, which would otherwise cast straight back), while generation and evaluation keep bf16's faster forward
+    import model as M
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", lambda q, k, v, **kw: sdpa(q, k, v, **kw) if seen.append(
+        (q.dtype, torch.is_autocast_enabled("cpu"))) is None else None)
+    torch.manual_seed(0)
+    model, idx = tiny(), torch.randint(0, 512, (2, 17))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx)[1]
+    loss.backward()
+    assert seen == [(torch.float32, False)] * 2 and model.layers[0].attention.wqkv.weight.grad is not None
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx)
+    assert seen == [(torch.bfloat16, True)] * 2
 
 
 def test_fused_head_model_equals_plain_model():

@@ -247,6 +247,11 @@ for _name in ("train.py", "model.py"):
         print0(f"----- {_name} -----\n{_f.read()}\n----- end of {_name} -----", console=False)
 print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
 print0(dtype_why + ("; autocast, with fp32 weights and optimizer state" if dtype != "float32" else ""))
+if device_type == "cpu":
+    import cpu_kernels  # noqa: E402 (the C kernel is compiled here, on the first run on this machine)
+    print0("CPU: the output head's softmax runs in " + ("cpu_kernels' C kernel" if cpu_kernels.available() else
+           f"PyTorch ({cpu_kernels.why_unavailable()}; cpu_kernels' C kernel is faster)") +
+           ("; freed memory stays in the process (no page faults per step)" if cpu_kernels.keep_freed_memory() else ""))
 if master_process:
     with open(os.path.join(out_dir, "config.json"), "w") as _f:
         json.dump(config, _f, indent=2)
