@@ -5,8 +5,10 @@ fused output head saves. transformers is not a nanosmol dependency: run from a s
     /tmp/hfvenv/bin/python bench/train_cpu.py [--steps=8] [--threads=2]
 
 1) speed: one optimizer step (forward, backward, fused AdamW) at the quickstart's shape (6 x 192, GQA 6/2, vocab
-   49152, 8 x 256 tokens), median ms over --steps after warmup, interleaved rounds; fp32 and bf16 autocast (fp32
+   49152, 8 x 256 tokens), median ms over --steps after warmup, all variants interleaved in each round; fp32 and bf16 autocast (fp32
    weights), nanosmol's plain head (full logits + F.cross_entropy) and fused head (model.fused_cross_entropy).
+   --malloc=kept (the default) makes glibc keep freed memory, as train.py does on a CPU
+   (cpu_kernels.keep_freed_memory), for every variant alike, transformers too; --malloc=default leaves glibc as it is.
 2) memory: peak resident memory of one fp32 step of the 135M model at T=2048, micro-batch 4, plain vs fused head,
    each in a fresh process (ru_maxrss; the model, gradients and AdamW state are in both).
 """
@@ -68,15 +70,14 @@ def speed(steps):
         kinds.remove("transformers")
         print("transformers is not installed here: nanosmol's own variants only (see the docstring)")
     times = {}
-    for bf16 in (False, True):
-        runs = {k: step_fn(*build(k, cfg), x, y, bf16, k == "transformers") for k in kinds}
-        for fn in runs.values():  # warmup: allocator, oneDNN primitive caches
-            fn(), fn()
-        for _ in range(steps):  # interleaved, so drifting machine load hits every variant alike
-            for k, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                times.setdefault((k, bf16), []).append(time.perf_counter() - t0)
+    runs = {(k, bf16): step_fn(*build(k, cfg), x, y, bf16, k == "transformers") for bf16 in (False, True) for k in kinds}
+    for fn in runs.values():  # warmup: allocator, oneDNN primitive caches
+        fn(), fn()
+    for _ in range(steps):  # all six interleaved, so this VM's drifting speed hits every variant alike
+        for key, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times.setdefault(key, []).append(time.perf_counter() - t0)
     print(f"quickstart shape: {cfg.n_layer} x {cfg.n_embd}, vocab {cfg.vocab_size}, {B} x {T} tokens; median of {steps}")
     print("| variant | fp32 ms | bf16 autocast ms |")
     print("|---|---|---|")
@@ -84,10 +85,14 @@ def speed(steps):
     for k in kinds:
         print(f"| {k} | {med[(k, False)]:.0f} | {med[(k, True)]:.0f} |")
     if "transformers" in kinds:
-        best = min(med[(k, b)] for k in ("plain", "fused") for b in (False, True))
-        print(f"nanosmol's fastest vs transformers fp32: {med[('transformers', False)] / best:.2f}x; "
-              f"fused bf16 vs transformers bf16: {med[('transformers', True)] / med[('fused', True)]:.2f}x; "
-              f"fused fp32 vs transformers fp32: {med[('transformers', False)] / med[('fused', False)]:.2f}x")
+        # each ratio two ways: of the medians, and the median of the rounds' own ratios (steps timed seconds apart, so
+        # the VM's drift cancels)
+        def ratio(a, b):
+            per_round = statistics.median(x / y for x, y in zip(times[a], times[b]))
+            return f"{med[a] / med[b]:.2f}x (per round {per_round:.2f}x)"
+        print(f"fused bf16 vs transformers fp32: {ratio(('transformers', False), ('fused', True))}; "
+              f"fused bf16 vs transformers bf16: {ratio(('transformers', True), ('fused', True))}; "
+              f"fused fp32 vs transformers fp32: {ratio(('transformers', False), ('fused', False))}")
 
 
 def memory_one(kind):
@@ -102,27 +107,35 @@ def memory_one(kind):
     print(f"{peak / 2**20:.2f} {(peak - base) / 2**20:.2f}")
 
 
-def memory():
-    print("135M, T=2048, micro-batch 4, fp32, one step, fresh process each: (B, T, vocab) fp32 logits = "
+def memory(malloc):
+    print(f"135M, T=2048, micro-batch 4, fp32, one step, fresh process each, malloc {malloc}: (B, T, vocab) fp32 logits = "
           f"{4 * 2048 * 49152 * 4 / 2**30:.2f} GiB")
     print("| head | peak RSS GiB | growth during the step GiB |")
     print("|---|---|---|")
     for kind in ("plain", "fused"):
-        out = subprocess.run([sys.executable, __file__, f"--_mem={kind}"], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, f"--_mem={kind}", f"--malloc={malloc}"], capture_output=True,
+                             text=True, check=True)
         peak, grow = out.stdout.split()
         print(f"| {kind} | {peak} | {grow} |")
 
 
 if __name__ == "__main__":
-    args = dict(steps=8, threads=2, _mem="")
+    args = dict(steps=8, threads=2, malloc="kept", _mem="")
     for a in sys.argv[1:]:
         k, _, v = a.removeprefix("--").partition("=")
         if k not in args:
             sys.exit(f"unknown option --{k}; valid: {sorted(k for k in args if not k.startswith('_'))}")
         args[k] = type(args[k])(v)
     torch.set_num_threads(args["threads"])
+    if args["malloc"] not in ("kept", "default"):
+        sys.exit(f"--malloc={args['malloc']}: kept or default")
+    if args["malloc"] == "kept":
+        import cpu_kernels
+        kept = cpu_kernels.keep_freed_memory()
+        if not args["_mem"]:
+            print(f"glibc keeps freed memory (train.py's CPU setting): {kept}")
     if args["_mem"]:
         memory_one(args["_mem"])
     else:
         speed(args["steps"])
-        memory()
+        memory(args["malloc"])
