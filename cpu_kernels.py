@@ -166,6 +166,7 @@ def load():
     return _lib
 
 
+@torch.compiler.assume_constant_result  # torch.compile asks once, while tracing, and keeps the answer
 def available() -> bool:
     return not isinstance(load(), str)
 

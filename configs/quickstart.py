@@ -1,6 +1,6 @@
 # The quickstart: a small SmolLM2-shaped model on the embedded offline corpus (Python's own library source, its
-# documentation prose and generated worked math problems), in ~5 minutes on 2 CPU cores: validation 5.20 -> 1.62 bits
-# per byte (loss 11.3 -> 4.3), then samples from three prompts (BENCHMARKS.md: "The first run").
+# documentation prose and generated worked math problems), in ~4-5 minutes on 2 CPU cores: validation 5.20 -> 1.38
+# bits per byte (loss 11.3 -> 3.7), then samples from three prompts (BENCHMARKS.md: "The first run").
 #   python train.py configs/quickstart.py          # builds data_cache/quickstart first if it is missing (~10 s)
 #   python sample.py --init_from=out/quickstart    # then sample from the result
 out_dir = "out/quickstart"
@@ -17,20 +17,21 @@ block_size = 256
 micro_batch_size = 8
 total_batch_tokens = 2048
 
-# 300 steps x 2,048 tokens = 614k tokens (~22% of the corpus's 2.8M training tokens); a step is ~0.75 s on 2 cores in
-# bf16 autocast with the fused head (dtype "auto" on a CPU with AVX512-BF16/AMX; fp32 elsewhere, ~1.3x slower)
-max_steps = 300
+# 500 steps x 2,048 tokens = 1.0M tokens (~37% of the corpus's 2.8M training tokens); a step is ~0.5 s on 2 cores in
+# bf16 autocast with the fused head and cpu_kernels' C softmax (dtype "auto" on a CPU with AVX512-BF16/AMX; fp32
+# elsewhere, ~2x slower)
+max_steps = 500
 learning_rate = 2e-3               # 60-step sweeps: 5e-3 -> val 6.30, 2.5e-3 -> 6.17, 1.5e-3 -> 6.16 (BENCHMARKS.md)
 min_lr = 0.0
 warmup_steps = 10
 schedule = "wsd"
-decay_frac = 0.3                   # the last 90 steps cool down
+decay_frac = 0.3                   # the last 150 steps cool down
 decay_shape = "1-sqrt"             # Hägele et al.: 1-sqrt beats linear
 
 # two stages in the SmolLM2 spirit: mostly prose and code first, the math upsampled for the second half
 stages = [
     {"start": 0, "weights": {"prose": 0.45, "code": 0.45, "math": 0.10}},
-    {"start": 150 * 2048, "weights": {"prose": 0.35, "code": 0.35, "math": 0.30}},
+    {"start": 250 * 2048, "weights": {"prose": 0.35, "code": 0.35, "math": 0.30}},
 ]
 
 eval_interval = 100
