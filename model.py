@@ -531,7 +531,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     # Mean cross-entropy of h @ w^T without the (N, vocab) fp32 logits (2048 x 49152 x 4 B = 400 MB for the
     # quickstart's 8 x 256 micro-batch, 1.5 GiB for 135M's 4 x 2048): rows go through in chunks, and each chunk's
     # logits become its loss and, at once, its share of dh and dw. The gradients are made in forward (the logits exist
-    # only there) and scaled by the incoming gradient in backward. On a CPU, cpu_kernels.softmax_xent turns a chunk's
+    # only there) and scaled by the incoming gradient in backward. On a CPU, cpu_kernels.softmax_xent_ turns a chunk's
     # logits into its loss and logit gradient in one pass; elsewhere one log_softmax (fp32, read straight from the
     # matmul's output) and one exp touch the (n, vocab) block. Everything else is (n, C) or (vocab, C) sized.
     @staticmethod
@@ -563,7 +563,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     total -= (logp_t * valid[:, 0]).sum()
                     if not (need_dh or need_dw):
                         continue
-                    g = logp.exp_().to(dtype)
+                    g = logp.exp_().to(dtype)  # the same gradient, in three passes over the block
                     g[rows, tc] = (logp_t.exp() - 1).to(dtype)
                     hc = hc * valid  # ignored rows: no share of dw, and (below) no dh
                 if need_dh:
@@ -593,7 +593,7 @@ def fused_cross_entropy(h, w, targets, chunk: Optional[int] = None, reduction: s
     # chunk: rows at a time; the default is a multiple of 16 rows (AMX tiles) whose logits take ~32M elements on a CPU
     # and 64M on a GPU. On the CPU, each chunk re-reads the (vocab, C) weight three times and rewrites dw, so larger
     # chunks are faster as long as freed memory is not handed back to the OS (train.py: cpu_kernels.keep_freed_memory):
-    # 672 rows of 49152 (64 MB of bf16 logits) ran 1.2x faster than 160 (BENCHMARKS.md)
+    # the quickstart's 2048 rows in 4 chunks of 512 ran 1.2x faster than in 13 of 160 (BENCHMARKS.md)
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else w.dtype
     if chunk is None:  # as many chunks as that takes, of equal size (no last sliver), rounded up to 16 rows
         most = max(16, (1 << (25 if h.device.type == "cpu" else 26)) // w.shape[0] // 16 * 16)

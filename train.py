@@ -249,9 +249,10 @@ print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
 print0(dtype_why + ("; autocast, with fp32 weights and optimizer state" if dtype != "float32" else ""))
 if device_type == "cpu":
     import cpu_kernels  # noqa: E402 (the C kernel is compiled here, on the first run on this machine)
+    kept = cpu_kernels.keep_freed_memory()  # a process setting: each step's large tensors reuse the same pages
     print0("CPU: the output head's softmax runs in " + ("cpu_kernels' C kernel" if cpu_kernels.available() else
            f"PyTorch ({cpu_kernels.why_unavailable()}; cpu_kernels' C kernel is faster)") +
-           ("; freed memory stays in the process (no page faults per step)" if cpu_kernels.keep_freed_memory() else ""))
+           ("; freed memory stays in the process (no page faults per step)" if kept else ""))
 if master_process:
     with open(os.path.join(out_dir, "config.json"), "w") as _f:
         json.dump(config, _f, indent=2)
