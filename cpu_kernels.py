@@ -4,10 +4,11 @@ for GPUs; this file is their CPU counterpart. Nothing here is needed: without a 
 code, only slower.
 
 The C source below is compiled on first use with the machine's C compiler (cc, gcc or clang; $CC first) at -O3
--march=native -fopenmp, and cached under ~/.cache/nanosmol ($NANOSMOL_CACHE). It is plain C that compilers vectorise
-(`omp simd` on the reductions). Its rows are shared out with OpenMP: linked as libgomp.so.1, the library binds to the
-libgomp that PyTorch's wheel has already loaded, so it runs in PyTorch's own thread team (torch.set_num_threads
-applies) instead of competing with PyTorch's spinning workers for the cores. A compiler without OpenMP gets one thread.
+-march=native -fopenmp, and cached under ~/.cache/nanosmol ($NANOSMOL_CACHE). NANOSMOL_CPU_KERNELS=0 turns it off
+(PyTorch then), e.g. to compare the two. It is plain C that compilers vectorise (`omp simd` on the reductions). Its
+rows are shared out with OpenMP: linked as libgomp.so.1, the library binds to the libgomp that PyTorch's wheel has
+already loaded, so it runs in PyTorch's own thread team (torch.set_num_threads applies) instead of competing with
+PyTorch's spinning workers for the cores. A compiler without OpenMP gets one thread.
 
     softmax_xent_(logits, targets) -> logp_t   the fused output head's per-chunk step (model.fused_cross_entropy):
                                                 logits become their gradient, in place
@@ -110,6 +111,8 @@ def _cpu_id() -> str:
 
 
 def _build():
+    if os.environ.get("NANOSMOL_CPU_KERNELS") == "0":
+        return "turned off by NANOSMOL_CPU_KERNELS=0"
     cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if cc is None:
         return "no C compiler found (cc, gcc or clang; or set $CC)"
