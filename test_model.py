@@ -373,14 +373,20 @@ def test_cached_decode_steps_match_full_forward(dtype, n_embd):
 
 # ---------------------------------------------------------------------------- the fused output head + loss
 
-def test_cpu_kernel_softmax_xent_matches_pytorch():
-    # cpu_kernels.softmax_xent_ (C, compiled here) against PyTorch's log_softmax: logits overwritten by softmax - onehot
-    # rounded once to their dtype, and the log-probability of each target; ignored rows (-100) get zeros. A vocabulary
-    # that is not a multiple of the vector width, a row spanning 1e4 (exp underflows to 0), and bad targets refused.
+def require_cpu_kernels():
+    # skips where this machine cannot build cpu_kernels' C kernel, except under CI, which must run it
     import cpu_kernels
     if not cpu_kernels.available():
         assert not os.environ.get("CI"), f"CI must run the C kernel: {cpu_kernels.why_unavailable()}"
         pytest.skip(cpu_kernels.why_unavailable())
+    return cpu_kernels
+
+
+def test_cpu_kernel_softmax_xent_matches_pytorch():
+    # cpu_kernels.softmax_xent_ (C, compiled here) against PyTorch's log_softmax: logits overwritten by softmax - onehot
+    # rounded once to their dtype, and the log-probability of each target; ignored rows (-100) get zeros. A vocabulary
+    # that is not a multiple of the vector width, a row spanning 1e4 (exp underflows to 0), and bad targets refused.
+    require_cpu_kernels()
     torch.manual_seed(0)
     n, V = 37, 1001
     for dtype in (torch.float32, torch.bfloat16):
@@ -422,9 +428,8 @@ def test_fused_cross_entropy_matches_plain(dtype, kernel, monkeypatch):
     from model import fused_cross_entropy
     if kernel == "PyTorch":
         monkeypatch.setattr(M, "_cpu_kernels", lambda: None)
-    elif not cpu_kernels.available():
-        assert not os.environ.get("CI"), f"CI must run the C kernel: {cpu_kernels.why_unavailable()}"
-        pytest.skip(cpu_kernels.why_unavailable())
+    else:
+        require_cpu_kernels()
     torch.manual_seed(0)
     N, C, V = 300, 48, 1000
     h0, w0 = torch.randn(N, C), torch.randn(V, C) * 0.2
