@@ -409,6 +409,16 @@ def test_cpu_kernel_softmax_xent_matches_pytorch():
         ulp = 2.0 ** (-23 if dtype == torch.float32 else -8)
         torch.testing.assert_close(g.float(), want, rtol=4 * ulp if dtype == torch.float32 else ulp / 2, atol=ulp / 2)
         assert g[5].abs().max() == 0  # exp(-1e4) is 0, not merely tiny
+    # a full-width row: its sum of 49152 exps goes by blocks (fp32 lanes over the whole row: up to 9e-6 off here).
+    # Multiples of 1/64 make every x - max exact, so what is left is the exp (3e-7) and the sum: measured 3.0e-7.
+    n, V = 16, 49152
+    x = torch.round(torch.randn(n, V) * 256) / 64
+    t = torch.randint(0, V, (n,))
+    g = x.clone()
+    torch.ops.nanosmol.softmax_xent_(g, t)
+    p = torch.softmax(x.double(), dim=-1)
+    p[torch.arange(n), t] -= 1
+    assert ((g.double() - p) / p).abs().max() < 1e-6
     with pytest.raises(IndexError, match="out of range"):
         torch.ops.nanosmol.softmax_xent_(torch.zeros(2, V), torch.tensor([0, V]))
     with pytest.raises(ValueError, match="contiguous"):

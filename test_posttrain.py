@@ -132,7 +132,9 @@ def test_a_micro_batch_without_trained_tokens_is_zero_not_nan():
 
 def test_sft_loss_equals_transformers(demo):
     # bench/posttrain_refs.py stored transformers' loss (labels -100 outside the mask, conversation by conversation)
-    # of the first packed batch of the full chat demo; the same batch here, through the packed path
+    # of the first packed batch of the full chat demo; the same batch here, through the packed path. fp32 sums round
+    # differently on different CPUs: transformers' own loss was 1.4301746 on the AVX-512 Xeon that stored it and
+    # 1.4301643 on an AVX2 EPYC, where nanosmol's was 1.4301644. One of its 163 tokens masked wrongly moves it ~1e-2.
     with open(os.path.join(ROOT, "bench/posttrain_reference.json")) as f:
         ref = json.load(f)["sft"]
     full = prepare.prepare_chat_demo(os.path.join(ROOT, prepare.CHAT_DEMO_DIR))
@@ -142,7 +144,7 @@ def test_sft_loss_equals_transformers(demo):
     with torch.no_grad():
         loss = m(x, y, pos, document_mask(doc), reduction="sum")[1].item() / int((y != -100).sum())
     assert int((y != -100).sum()) == ref["tokens"]
-    assert loss == pytest.approx(ref["loss"], abs=1e-5)
+    assert loss == pytest.approx(ref["loss"], abs=5e-5)
 
 
 # ----------------------------------------------------------------------------- DPO
