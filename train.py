@@ -165,6 +165,7 @@ if decay_from and init_from not in ("scratch", "resume"):
     raise SystemExit(f"config error: decay_from={decay_from!r} says where this run starts; init_from={init_from!r} "
                      f"would too. Leave init_from unset (or 'resume', to continue the branch itself)")
 import checkpoint  # noqa: E402 (train checkpoints: written, found and restored there, shared with sample.py)
+import cpu_kernels  # noqa: E402 (the C kernel is compiled below, on the first CPU run on this machine)
 _src_dir = decay_from and (os.path.dirname(os.path.normpath(decay_from)) if checkpoint.is_train_checkpoint(decay_from)
                            else decay_from)  # a checkpoint's run, or a run
 if decay_from and os.path.realpath(_src_dir or ".") == os.path.realpath(out_dir):
@@ -191,17 +192,8 @@ if fsdp and not ddp:
     fsdp = False
 
 
-def cpu_has_native_bf16():
-    # AVX512-BF16 or AMX: oneDNN runs bf16 matmuls natively (the quickstart's 2048x192 @ 192x49152 head: 109 GFLOP/s in
-    # fp32, 355 in bf16 on an AVX512-BF16 CPU). Without them bf16 is emulated and slower than fp32.
-    try:
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:  # an older torch without the probes
-        return False
-
-
 if dtype == "auto":
-    native = device_type == "cpu" and cpu_has_native_bf16()
+    native = device_type == "cpu" and cpu_kernels.native_bf16()
     dtype = "bfloat16" if device_type == "cuda" or native else "float32"
     dtype_why = (f"dtype auto -> {dtype}: " + ("a CUDA GPU" if device_type == "cuda" else "this CPU has native bf16 "
                  "matmuls (AVX512-BF16/AMX)" if native else "this CPU has no native bf16 matmuls (AVX512-BF16/AMX)"))
@@ -247,8 +239,10 @@ for _name in ("train.py", "model.py"):
         print0(f"----- {_name} -----\n{_f.read()}\n----- end of {_name} -----", console=False)
 print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config.items()))
 print0(dtype_why + ("; autocast, with fp32 weights and optimizer state" if dtype != "float32" else ""))
+if device_type == "cpu" and dtype == "bfloat16" and not cpu_kernels.native_bf16():
+    print0("warning: this CPU has no native bf16 matmuls (AVX512-BF16/AMX), so oneDNN emulates bf16: ~30x slower than "
+           "float32 here (dtype auto picks float32)")
 if device_type == "cpu":
-    import cpu_kernels  # noqa: E402 (the C kernel is compiled here, on the first run on this machine)
     kept = cpu_kernels.keep_freed_memory()  # a process setting: each step's large tensors reuse the same pages
     print0("CPU: the output head's softmax runs in " + ("cpu_kernels' C kernel" if cpu_kernels.available() else
            f"PyTorch ({cpu_kernels.why_unavailable()}; cpu_kernels' C kernel is faster)") +

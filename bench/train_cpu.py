@@ -2,11 +2,12 @@
 CPU training step: nanosmol against Hugging Face transformers' LlamaForCausalLM on the same shape, and the memory the
 fused output head saves. transformers is not a nanosmol dependency: run from a scratch venv that has it, e.g.
     python -m venv --system-site-packages /tmp/hfvenv && /tmp/hfvenv/bin/pip install transformers
-    /tmp/hfvenv/bin/python bench/train_cpu.py [--steps=8] [--threads=2]
+    /tmp/hfvenv/bin/python bench/train_cpu.py [--steps=8] [--threads=2] [--bf16=auto|true|false]
 
 1) speed: one optimizer step (forward, backward, fused AdamW) at the quickstart's shape (6 x 192, GQA 6/2, vocab
-   49152, 8 x 256 tokens), median ms over --steps after warmup, all variants interleaved in each round; fp32 and bf16 autocast (fp32
-   weights), nanosmol's plain head (full logits + F.cross_entropy) and fused head (model.fused_cross_entropy).
+   49152, 8 x 256 tokens), median ms over --steps after warmup, all variants interleaved in each round; fp32 and bf16
+   autocast (fp32 weights; --bf16=auto: only where the CPU has native bf16, as train.py's dtype auto), nanosmol's plain
+   head (full logits + F.cross_entropy) and fused head (model.fused_cross_entropy).
    --malloc=kept (the default) makes glibc keep freed memory, as train.py does on a CPU
    (cpu_kernels.keep_freed_memory), for every variant alike, transformers too; --malloc=default leaves glibc as it is.
 2) memory: peak resident memory of one fp32 step of the 135M model at T=2048, micro-batch 4, plain vs fused head,
@@ -22,6 +23,7 @@ import time
 import torch
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, not bench/ (run from the root)
+import cpu_kernels  # noqa: E402
 from model import GPT, GPTConfig, PRESETS  # noqa: E402
 
 QUICKSTART = dict(PRESETS["smol135m"], n_layer=6, n_embd=192, n_head=6, n_kv_head=2, intermediate_size=512,
@@ -57,7 +59,7 @@ def build(kind, cfg):
     return model, model.configure_optimizers(0.01, 1e-4, (0.9, 0.95), 1e-8, "cpu")
 
 
-def speed(steps):
+def speed(steps, bf16):
     cfg = GPTConfig(**QUICKSTART)
     B, T = 8, 256
     x = torch.randint(0, cfg.vocab_size, (B, T + 1))
@@ -70,7 +72,8 @@ def speed(steps):
         kinds.remove("transformers")
         print("transformers is not installed here: nanosmol's own variants only (see the docstring)")
     times = {}
-    runs = {(k, bf16): step_fn(*build(k, cfg), x, y, bf16, k == "transformers") for bf16 in (False, True) for k in kinds}
+    dtypes = (False, True) if bf16 else (False,)
+    runs = {(k, b): step_fn(*build(k, cfg), x, y, b, k == "transformers") for b in dtypes for k in kinds}
     for fn in runs.values():  # warmup: allocator, oneDNN primitive caches
         fn(), fn()
     for _ in range(steps):  # all six interleaved, so this VM's drifting speed hits every variant alike
@@ -79,20 +82,21 @@ def speed(steps):
             fn()
             times.setdefault(key, []).append(time.perf_counter() - t0)
     print(f"quickstart shape: {cfg.n_layer} x {cfg.n_embd}, vocab {cfg.vocab_size}, {B} x {T} tokens; median of {steps}")
-    print("| variant | fp32 ms | bf16 autocast ms |")
-    print("|---|---|---|")
+    print("| variant | fp32 ms |" + (" bf16 autocast ms |" if bf16 else ""))
+    print("|---|---|" + ("---|" if bf16 else ""))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     for k in kinds:
-        print(f"| {k} | {med[(k, False)]:.0f} | {med[(k, True)]:.0f} |")
+        print(f"| {k} | " + " | ".join(f"{med[(k, b)]:.0f}" for b in dtypes) + " |")
     if "transformers" in kinds:
         # each ratio two ways: of the medians, and the median of the rounds' own ratios (steps timed seconds apart, so
         # the VM's drift cancels)
         def ratio(a, b):
             per_round = statistics.median(x / y for x, y in zip(times[a], times[b]))
             return f"{med[a] / med[b]:.2f}x (per round {per_round:.2f}x)"
-        print(f"fused bf16 vs transformers fp32: {ratio(('transformers', False), ('fused', True))}; "
-              f"fused bf16 vs transformers bf16: {ratio(('transformers', True), ('fused', True))}; "
-              f"fused fp32 vs transformers fp32: {ratio(('transformers', False), ('fused', False))}")
+        if bf16:
+            print(f"fused bf16 vs transformers fp32: {ratio(('transformers', False), ('fused', True))}; "
+                  f"fused bf16 vs transformers bf16: {ratio(('transformers', True), ('fused', True))}; ", end="")
+        print(f"fused fp32 vs transformers fp32: {ratio(('transformers', False), ('fused', False))}")
 
 
 def memory_one(kind):
@@ -120,7 +124,7 @@ def memory(malloc):
 
 
 if __name__ == "__main__":
-    args = dict(steps=8, threads=2, malloc="kept", _mem="")
+    args = dict(steps=8, threads=2, malloc="kept", bf16="auto", _mem="")
     for a in sys.argv[1:]:
         k, _, v = a.removeprefix("--").partition("=")
         if k not in args:
@@ -129,13 +133,19 @@ if __name__ == "__main__":
     torch.set_num_threads(args["threads"])
     if args["malloc"] not in ("kept", "default"):
         sys.exit(f"--malloc={args['malloc']}: kept or default")
+    if args["bf16"] not in ("auto", "true", "false"):
+        sys.exit(f"--bf16={args['bf16']}: auto, true or false")
     if args["malloc"] == "kept":
-        import cpu_kernels
         kept = cpu_kernels.keep_freed_memory()
         if not args["_mem"]:
             print(f"glibc keeps freed memory (train.py's CPU setting): {kept}")
     if args["_mem"]:
         memory_one(args["_mem"])
     else:
-        speed(args["steps"])
+        bf16 = args["bf16"] == "true" or (args["bf16"] == "auto" and cpu_kernels.native_bf16())
+        if not bf16:
+            print("bf16 autocast not timed: " + ("--bf16=false" if args["bf16"] == "false" else
+                  "this CPU has no native bf16 matmuls, so train.py's dtype auto picks fp32 (--bf16=true times it: "
+                  "~30x slower, BENCHMARKS.md)"))
+        speed(args["steps"], bf16)
         memory(args["malloc"])
