@@ -19,7 +19,7 @@ total_batch_tokens = 2048
 
 # 500 steps x 2,048 tokens = 1.0M tokens (~37% of the corpus's 2.8M training tokens); a step is ~0.5 s on 2 cores in
 # bf16 autocast with the fused head and cpu_kernels' C softmax (dtype "auto" on a CPU with AVX512-BF16/AMX; fp32
-# elsewhere, ~4x slower: 2.1 s on an AVX2 EPYC, ~18 minutes in all)
+# elsewhere, ~4x slower: 2.1 s on an AVX2 EPYC, 21 minutes in all)
 max_steps = 500
 learning_rate = 2e-3               # 60-step sweeps: 5e-3 -> val 6.30, 2.5e-3 -> 6.17, 1.5e-3 -> 6.16 (BENCHMARKS.md)
 min_lr = 0.0
