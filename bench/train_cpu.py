@@ -76,7 +76,7 @@ def speed(steps, bf16):
     runs = {(k, b): step_fn(*build(k, cfg), x, y, b, k == "transformers") for b in dtypes for k in kinds}
     for fn in runs.values():  # warmup: allocator, oneDNN primitive caches
         fn(), fn()
-    for _ in range(steps):  # all six interleaved, so this VM's drifting speed hits every variant alike
+    for _ in range(steps):  # all variants interleaved, so this VM's drifting speed hits every one alike
         for key, fn in runs.items():
             t0 = time.perf_counter()
             fn()
