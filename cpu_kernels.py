@@ -49,10 +49,10 @@ static inline float f32_load(float f) { return f; }
 static inline float f32_store(float f) { return f; }
 
 /* exp(x) for x <= 0: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and p its degree-6 Taylor polynomial (relative
-   error < 3e-7, below fp32's softmax rounding). Plain arithmetic, so it vectorises anywhere. Below -87 (where exp
-   leaves fp32's normal range) it is 0, as is exp(-inf). It vectorises only where the compiler may turn its
-   comparisons into blends, which a comparison's possible floating-point exception forbids without masked vectors
-   (AVX-512): hence -fno-trapping-math. Without it gcc left this loop scalar on an AVX2 CPU, 2.5x slower. */
+   error < 3e-7, below fp32's softmax rounding). Below -87 (where exp leaves fp32's normal range) it is 0, as is
+   exp(-inf). Plain arithmetic that vectorises once the compiler may turn its comparisons into blends: a comparison's
+   possible floating-point exception forbids that without masked vectors (AVX-512), hence -fno-trapping-math. Without
+   it gcc left the exp loop scalar on an AVX2 CPU: 70 ms instead of 15 for a 512 x 49152 fp32 chunk. */
 static inline float exp_nonpos(float x) {
     float y = x < -87.0f ? -87.0f : x;
     float n = (y * 1.44269504f + 12582912.0f) - 12582912.0f;  /* round to nearest: the 1.5 * 2^23 trick */
@@ -61,8 +61,7 @@ static inline float exp_nonpos(float x) {
               + r * 0.0013888889f)))));
     int32_t bits = ((int32_t)n + 127) << 23;
     float scale; memcpy(&scale, &bits, 4);
-    float v = p * scale;  /* computed unconditionally, so the compiler can make the choice below a blend */
-    return x < -87.0f ? 0.0f : v;
+    return x < -87.0f ? 0.0f : p * scale;
 }
 
 /* The sum of a row's exps goes by blocks: each block's vector lanes add SUM_BLOCK / width terms in fp32, and the
