@@ -354,11 +354,33 @@ class PairLoader:
         self.pos += self.P * self.world_size
         return self.batch("train", self._order[a:a + self.P].tolist())
 
+    def pairs_ahead(self, micro_steps):
+        """The train pairs that every rank's next micro_steps micro-batches read, sorted; the loader's state does not
+        change. DPO's stored reference log-probabilities cover these, not the whole split."""
+        n, per = self.n_pairs["train"], self.P * self.world_size
+        epoch, pos, order, seen = self.epoch, self.pos, self._order, set()
+        for _ in range(micro_steps):
+            if len(seen) == n:
+                break
+            if pos + per > n:  # next_batch's epoch turn
+                epoch, pos = epoch + 1, 0
+                order = self._perm(epoch)
+            seen.update(order[pos:pos + per].tolist())
+            pos += per
+        return sorted(seen)
+
+    def _val_chunks(self, num_batches):
+        n = self.n_pairs["val"]
+        return [list(range(i, min(i + self.P, n))) for i in range(0, n, self.P)][:num_batches]
+
+    def val_pairs(self, num_batches=None):
+        """The validation pairs that val_batches(num_batches) reads on all ranks together."""
+        return [p for b in self._val_chunks(num_batches) for p in b]
+
     def val_batches(self, source="pairs", num_batches=None):
         # the same number of batches on every rank (FSDP's lockstep): a rank short of one gets batch 0 again with its
         # pair indices set to -1, which train.py does not count
-        n = self.n_pairs["val"]
-        batches = [list(range(i, min(i + self.P, n))) for i in range(0, n, self.P)][:num_batches]
+        batches = self._val_chunks(num_batches)
         out = []
         for k in range(self.rank, -(-len(batches) // self.world_size) * self.world_size, self.world_size):
             x, y, idx = self.batch("val", batches[k % len(batches)])

@@ -222,6 +222,23 @@ def test_sft_and_dpo_resume_bitwise(demo, tmp_path):
     assert losses(tmp_path / "dpo")[0][0][1] == pytest.approx(math.log(2), abs=1e-6)
     sigterm_and_resume(dpo, str(tmp_path / "dpo_resumed"), at=4)
     assert losses(tmp_path / "dpo") == losses(tmp_path / "dpo_resumed")
+    # the stored reference log-probabilities cover the 80 train pairs that 10 steps read (NaN for the other 34); a
+    # resume that reads further fills in the missing ones with the reference model, the SFT checkpoint
+    path = tmp_path / "dpo_resumed" / "dpo_reference.pt"
+    before = torch.load(path)["train"]
+    assert int(before[:, 0].isnan().sum()) == 114 - 80 and torch.equal(before[:, 0].isnan(), before[:, 1].isnan())
+    out = train([*dpo, "--init_from=resume", "--max_steps=14"], tmp_path / "dpo_resumed")  # 14 x 8: 112 pairs
+    assert "log-probabilities of 32 train pairs (of 114" in out and "computed with" in out, out
+    after = torch.load(path)["train"]
+    filled = [p for p in range(114) if before[p, 0].isnan() and not after[p, 0].isnan()]
+    assert len(filled) == 32 and int(after[:, 0].isnan().sum()) == 2
+    kept = ~before[:, 0].isnan()
+    assert torch.equal(after[kept], before[kept])
+    ref, _, _ = GPT.load(str(tmp_path / "sft"))
+    x, y, _ = chat.PairLoader(f"{demo}/dpo", 4).batch("train", filled[:8])
+    with torch.no_grad():
+        lp = ref(x, y, reduction="rows")[1].view(-1, 2).double()
+    assert torch.allclose(lp, after[filled[:8]], rtol=1e-6, atol=1e-5), (lp, after[filled[:8]])
 
 
 def test_demo_shortened_sft_then_dpo_on_the_real_model(demo, tmp_path):
@@ -269,6 +286,18 @@ def test_two_processes_match_one(demo, tmp_path):
     one, two = run_procs(dpo, tmp_path / "dpo1", 1), run_procs(dpo, tmp_path / "dpo2", 2, fsdp=True)
     for a, b in zip(one[0] + one[1], two[0] + two[1]):
         assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-5, abs=1e-6), (a, b)
+
+
+def test_pairs_ahead_are_the_pairs_every_rank_reads(demo):
+    # what DPO precomputes the reference for: the next micro-steps' pairs on all ranks, across an epoch's turn
+    for world in (1, 3):
+        loaders = [chat.PairLoader(os.path.join(demo, "dpo"), 4, rank=r, world_size=world) for r in range(world)]
+        for loader in loaders:
+            loader.next_batch()  # mid-epoch, as after a resume
+        ahead = loaders[0].pairs_ahead(30)
+        read = {p for _ in range(30) for loader in loaders for p in loader.next_batch()[2].tolist()}
+        assert ahead == sorted(read) and loaders[0].epoch > 0, (world, len(ahead), len(read))
+        assert loaders[0].val_pairs(1) == list(range(4)) and loaders[0].val_pairs() == list(range(6))
 
 
 def test_validation_batches_are_equal_in_number_on_every_rank(demo):

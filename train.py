@@ -59,8 +59,9 @@ epochs = 0.0                  # sft / dpo: the run's length in passes over the d
 batch_pairs = 128             # dpo: preference pairs per optimizer step (global); micro_batch_size pairs per rank and micro step
 dpo_beta = 0.5                # dpo: the sigmoid loss -logsigmoid(beta * (chosen log-ratio - rejected log-ratio))
 dpo_label_smoothing = 0.0     # dpo: cDPO's robust variant (0 = the plain sigmoid loss)
-dpo_reference = "precompute"  # dpo: the frozen reference's log-probabilities computed once at the start and stored in
-                              # out_dir ("precompute"), or by a frozen copy of the initial model at every step ("online")
+dpo_reference = "precompute"  # dpo: the frozen reference's log-probabilities of the pairs the run reads, computed at the
+                              # start and stored in out_dir ("precompute"), or by a frozen copy of the initial model at
+                              # every step ("online")
 # data
 data_dir = "data_cache/quickstart"  # a directory built by prepare.py (its manifest names the sources and the tokenizer)
 data_prepare = "auto"         # a prepare.py preset to build into data_dir first when incomplete (rank 0); "auto": the
@@ -456,33 +457,48 @@ if objective == "dpo":
     if dpo_reference == "online":
         ref_src = init_origin
         ref_model = GPT.load(ref_src)[0].to(device).eval().requires_grad_(False)
-    elif ckpt is not None:
-        ref_logps = torch.load(ref_path, map_location="cpu", weights_only=True)
-        if ref_logps["tokenizer"] != loader.meta["tokenizer"] or ref_logps["train"].shape[0] != loader.n_pairs["train"]:
-            raise SystemExit(f"{ref_path} does not belong to {data_dir}'s pairs: resume with the data it was made for")
     else:
-        # the reference log-probabilities of every train and val pair, before the first step: each rank its share,
-        # summed across ranks (before any wrapping, so ranks need not run the same number of forwards)
-        t0 = time.time()
-        raw_model.eval()
-        ref_logps = {"tokenizer": loader.meta["tokenizer"]}
-        for split in ("train", "val"):
-            out = torch.zeros(loader.n_pairs[split], 2, dtype=torch.float64, device=device)
-            mine = list(range(rank, loader.n_pairs[split], world_size))
-            with torch.no_grad():
-                for i in range(0, len(mine), micro_batch_size):
-                    x, y, idx = loader.batch(split, mine[i:i + micro_batch_size])
-                    with autocast:
-                        _, lp = raw_model(x.to(device), y.to(device), reduction="rows")
-                    out[idx.to(device)] = lp.view(-1, 2).double()
-            if ddp:
-                dist.all_reduce(out)
-            ref_logps[split] = out.cpu()
-        raw_model.train()
-        if master_process:
-            torch.save(ref_logps, ref_path)
-        print0(f"dpo: reference log-probabilities of {loader.n_pairs['train']:,} train and {loader.n_pairs['val']:,} val "
-               f"pairs computed and stored in {ref_path} ({time.time() - t0:.1f} s)")
+        # the reference log-probabilities of the pairs this run reads, before its first step; NaN for the others (a
+        # demo's 40 steps read a third of its train pairs). A resumed run that reads further (a raised max_steps, a
+        # branch into a new out_dir) computes what the stored file lacks with the reference model, init_origin.
+        if ckpt is not None and os.path.exists(ref_path):
+            ref_logps = torch.load(ref_path, map_location="cpu", weights_only=True)
+            if ref_logps["tokenizer"] != loader.meta["tokenizer"] or ref_logps["train"].shape[0] != loader.n_pairs["train"]:
+                raise SystemExit(f"{ref_path} does not belong to {data_dir}'s pairs: resume with the data it was made for")
+        else:
+            ref_logps = {"tokenizer": loader.meta["tokenizer"],
+                         **{s: torch.full((loader.n_pairs[s], 2), math.nan, dtype=torch.float64) for s in ("train", "val")}}
+        steps_left = max_steps - (ckpt["step"] if ckpt is not None else 0)
+        wanted = {"train": loader.pairs_ahead(steps_left * grad_accum_steps), "val": loader.val_pairs(eval_batches)}
+        missing = {s: [p for p in wanted[s] if math.isnan(ref_logps[s][p, 0])] for s in wanted}
+        if missing["train"] or missing["val"]:
+            t0 = time.time()
+            try:
+                ref_net = raw_model if ckpt is None else GPT.load(init_origin)[0].to(device).requires_grad_(False)
+            except (ValueError, OSError) as e:
+                raise SystemExit(f"dpo: this run reads {sum(map(len, missing.values()))} pairs whose reference "
+                                 f"log-probabilities {ref_path} lacks, and the reference model cannot be loaded: {e}")
+            ref_net.eval()
+            for split, pairs in missing.items():
+                out = torch.zeros(len(pairs), 2, dtype=torch.float64, device=device)
+                mine = list(range(rank, len(pairs), world_size))  # each rank its share, summed across ranks (before
+                with torch.no_grad():                             # any wrapping: ranks may run unequal forwards)
+                    for i in range(0, len(mine), micro_batch_size):
+                        rows = mine[i:i + micro_batch_size]
+                        x, y, _ = loader.batch(split, [pairs[j] for j in rows])
+                        with autocast:
+                            _, lp = ref_net(x.to(device), y.to(device), reduction="rows")
+                        out[rows] = lp.view(-1, 2).double()
+                if ddp:
+                    dist.all_reduce(out)
+                ref_logps[split][pairs] = out.cpu()
+            raw_model.train()
+            del ref_net
+            if master_process:
+                torch.save(ref_logps, ref_path)
+            print0(f"dpo: reference log-probabilities of {len(missing['train']):,} train pairs (of "
+                   f"{loader.n_pairs['train']:,}: the ones this run reads) and {len(missing['val']):,} val pairs computed"
+                   f"{'' if ckpt is None else ' with ' + init_origin} and stored in {ref_path} ({time.time() - t0:.1f} s)")
 
 
 def dpo_loss(x, y, idx, split):
@@ -494,7 +510,10 @@ def dpo_loss(x, y, idx, split):
         with torch.no_grad():
             ref = ref_model(x, y, reduction="rows")[1].view(-1, 2)
     else:
-        ref = ref_logps[split][idx.cpu().clamp(min=0)].to(device=lp.device, dtype=lp.dtype)
+        ref = ref_logps[split][idx.cpu().clamp(min=0)]
+        if ref.isnan().any():  # pairs_ahead / val_pairs missed one: a bug, not a user's mistake
+            raise RuntimeError(f"dpo: no stored reference log-probability for {split} pairs {idx.tolist()}")
+        ref = ref.to(device=lp.device, dtype=lp.dtype)
     rewards = dpo_beta * (lp - ref)  # (pairs, 2)
     logits = rewards[:, 0] - rewards[:, 1]
     losses = (-F.logsigmoid(logits) * (1 - dpo_label_smoothing) - F.logsigmoid(-logits) * dpo_label_smoothing)
