@@ -470,7 +470,7 @@ if objective == "dpo":
                          **{s: torch.full((loader.n_pairs[s], 2), math.nan, dtype=torch.float64) for s in ("train", "val")}}
         steps_left = max_steps - (ckpt["step"] if ckpt is not None else 0)
         wanted = {"train": loader.pairs_ahead(steps_left * grad_accum_steps), "val": loader.val_pairs(eval_batches)}
-        missing = {s: [p for p in wanted[s] if math.isnan(ref_logps[s][p, 0])] for s in wanted}
+        missing = {s: [p for p, gone in zip(w, ref_logps[s][w, 0].isnan().tolist()) if gone] for s, w in wanted.items()}
         if missing["train"] or missing["val"]:
             t0 = time.time()
             try:
