@@ -1,5 +1,6 @@
 # Post-training: chat data preparation (masks, drops, skips), SFT packing and loss normalisation, DPO against TRL's
-# stored numbers, SFT against transformers' stored loss, bitwise resume of SFT and DPO runs, the demo shortened.
+# stored numbers, SFT against transformers' stored loss, bitwise resume of SFT and DPO runs, DPO's reference pass over
+# the pairs a run reads (and filled in when a resume reads further), the demo shortened.
 import json
 import math
 import os
