@@ -452,11 +452,20 @@ apply_stage(current_stage)
 # carry where the weights first came from)
 init_origin = (ckpt.get("init_origin") or ckpt["config"]["init_from"]) if ckpt is not None else init_from
 ref_logps, ref_model = None, None
+
+
+def load_reference():
+    # a frozen copy of the reference model: every step's ("online"), or the stored pass's when a resume reads further
+    try:
+        return GPT.load(init_origin)[0].to(device).eval().requires_grad_(False)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"dpo: the reference model {init_origin} cannot be loaded: {e}")
+
+
 if objective == "dpo":
     ref_path = os.path.join(out_dir, "dpo_reference.pt")
     if dpo_reference == "online":
-        ref_src = init_origin
-        ref_model = GPT.load(ref_src)[0].to(device).eval().requires_grad_(False)
+        ref_model = load_reference()
     else:
         # the reference log-probabilities of the pairs this run reads, before its first step; NaN for the others (a
         # demo's 40 steps read a third of its train pairs). A resumed run that reads further (a raised max_steps, a
@@ -473,12 +482,7 @@ if objective == "dpo":
         missing = {s: [p for p, gone in zip(w, ref_logps[s][w, 0].isnan().tolist()) if gone] for s, w in wanted.items()}
         if missing["train"] or missing["val"]:
             t0 = time.time()
-            try:
-                ref_net = raw_model if ckpt is None else GPT.load(init_origin)[0].to(device).requires_grad_(False)
-            except (ValueError, OSError) as e:
-                raise SystemExit(f"dpo: this run reads {sum(map(len, missing.values()))} pairs whose reference "
-                                 f"log-probabilities {ref_path} lacks, and the reference model cannot be loaded: {e}")
-            ref_net.eval()
+            ref_net = raw_model.eval() if ckpt is None else load_reference()
             for split, pairs in missing.items():
                 out = torch.zeros(len(pairs), 2, dtype=torch.float64, device=device)
                 mine = list(range(rank, len(pairs), world_size))  # each rank its share, summed across ranks (before
