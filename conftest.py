@@ -23,3 +23,8 @@ def set_seed():
     np.random.seed(42)
     torch.manual_seed(42)
     yield
+
+
+def pytest_configure(config):
+    # `python -m pytest -q -m "not slow"`: quick feedback (~3 minutes); the README's command runs everything
+    config.addinivalue_line("markers", "slow: a long end-to-end test (a real model trained, a server, a compile)")

@@ -8,15 +8,12 @@ offline in seconds. Each source is a generator of (document text, bytes) that pr
 """
 import ast
 import codecs
-import json
 import math
 import os
 import random
 import sys
 import sysconfig
 import zlib
-
-from data import DataError, check_data_dir
 
 QUICKSTART_DIR = os.path.join("data_cache", "quickstart")
 QUICKSTART_VERSION = 1
@@ -237,15 +234,3 @@ def chat_demo(n, seed):
 
 
 QUICKSTART_SOURCES = {"code": quickstart_code, "prose": quickstart_prose, "math": quickstart_math}
-
-
-def quickstart_complete(out_dir):
-    try:
-        with open(os.path.join(out_dir, "quickstart.json")) as f:
-            info = json.load(f)
-        if info.get("version") != QUICKSTART_VERSION or info.get("python") != sys.version.split()[0]:
-            return False
-        check_data_dir(out_dir, list(QUICKSTART_SOURCES))
-        return True
-    except (OSError, ValueError, DataError):
-        return False

@@ -24,24 +24,22 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from rows import DataError
+
 # -----------------------------------------------------------------------------
 # token file format
 
 MAGIC = int.from_bytes(b"nanosmol", "little")  # first 8 bytes of every .bin/.idx file
 VERSION = 1
 HEADER_BYTES = 1024   # header = 128 int64 fields; fields 16..31 (bytes 128..255) hold the tokenizer identity string
-KIND_TOKENS, KIND_INDEX = 1, 2
-
-
-class DataError(Exception):
-    """Bad input or bad data on disk; the message says what is wrong and how to fix it."""
+KIND_TOKENS, KIND_INDEX, KIND_MASK = 1, 2, 3  # KIND_MASK: chat data's per-token loss mask (chat.py)
 
 
 def _hint(cmd):
     return f"\n---> HINT: re-run {cmd}" if cmd else "\n---> HINT: re-run python prepare.py ... for this source"
 
 
-def _make_header(kind, n_items, itemsize, n_tokens, n_docs, vocab_size, eos_id, identity):
+def make_header(kind, n_items, itemsize, n_tokens, n_docs, vocab_size, eos_id, identity):
     h = np.zeros(HEADER_BYTES // 8, dtype="<i8")
     h[:9] = [MAGIC, VERSION, kind, n_items, itemsize, n_tokens, n_docs, vocab_size, eos_id]
     ident = identity.encode()[:127]
@@ -72,7 +70,7 @@ def read_header(path, cmd=None):
     return hd
 
 
-class _Writer:
+class TokenWriter:
     """Streams a token file (.bin) and its document index (.idx) to temporary names; finish() renames them into place.
     An interrupted run leaves only *.tmp<pid> files, which nothing reads (the pid keeps two concurrent runs apart)."""
 
@@ -94,7 +92,7 @@ class _Writer:
         v, e, ident = self.meta
         for f, kind, n, isz in ((self.fb, KIND_TOKENS, self.n_tokens, 2), (self.fi, KIND_INDEX, self.n_docs + 1, 8)):
             f.seek(0)
-            f.write(_make_header(kind, n, isz, self.n_tokens, self.n_docs, v, e, ident))
+            f.write(make_header(kind, n, isz, self.n_tokens, self.n_docs, v, e, ident))
             f.flush()
             os.fsync(f.fileno())
             f.close()
@@ -177,7 +175,7 @@ def check_tokens(data_dir):
         raise DataError(f"{data_dir}: no prepared sources in it")
     for n, m in metas.items():
         for split in ("train", "val"):
-            toks = _open_tokens(os.path.join(data_dir, n, f"{split}.bin"))
+            toks = open_tokens(os.path.join(data_dir, n, f"{split}.bin"))
             for a in range(0, len(toks), 1 << 26):  # 128 MB at a time
                 top = int(toks[a:a + (1 << 26)].max(initial=0))
                 if top >= m["vocab_size"]:
@@ -189,7 +187,7 @@ def check_tokens(data_dir):
     return metas
 
 
-def _open_tokens(path):
+def open_tokens(path):
     hd = read_header(path)
     # a plain ndarray view of the memmap: slicing it is several times cheaper than slicing np.memmap
     arr = np.memmap(path, dtype="<u2" if hd["itemsize"] == 2 else "<u8", mode="r", offset=HEADER_BYTES,
@@ -213,9 +211,9 @@ class _Source:
 
     def __init__(self, data_dir, name, seed, chunk_tokens, shuffle_tokens):
         self.name, self.shuffle_tokens = name, shuffle_tokens
-        self.tokens = _open_tokens(os.path.join(data_dir, name, "train.bin"))
+        self.tokens = open_tokens(os.path.join(data_dir, name, "train.bin"))
         self.n = len(self.tokens)
-        doc_starts = _open_tokens(os.path.join(data_dir, name, "train.idx"))[:-1]  # uint64 memmap, never loaded whole
+        doc_starts = open_tokens(os.path.join(data_dir, name, "train.idx"))[:-1]  # uint64 memmap, never loaded whole
         # chunk k starts at the first document boundary at or after k * step (long documents stay whole). At most
         # MAX_CHUNKS chunks, so a trillion-token source keeps its per-epoch tables small (~16 MB) with coarser chunks.
         step = max(chunk_tokens, -(-self.n // self.MAX_CHUNKS))
@@ -485,7 +483,7 @@ class MixtureLoader:
         if source not in self.sources:
             raise DataError(f"unknown source '{source}'; this loader has {self.sources}")
         T, B, W = self.block_size, self.batch_size, self.world_size
-        toks = _open_tokens(os.path.join(self.data_dir, source, "val.bin"))
+        toks = open_tokens(os.path.join(self.data_dir, source, "val.bin"))
         n_win = (len(toks) - 1) // T
         if n_win < 1:
             raise DataError(f"source '{source}': val split has {len(toks)} tokens, fewer than one block of {T} + 1; "
@@ -536,7 +534,3 @@ class MixtureLoader:
         self._counts = [sd["stage_counts"][self.sources[s]] for s in self._stage_src]
         self.pos = [sd["pos"].get(n, 0) for n in self.sources]  # a source new in a later stage has not been read yet
 
-
-if __name__ == "__main__":  # `python data.py ...` is prepare.py's command line under its older name
-    from prepare import main
-    sys.exit(main())

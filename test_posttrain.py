@@ -14,7 +14,7 @@ import torch
 
 import chat
 import prepare
-from checkpoint import smollm2_gguf_path
+from checkpoint import open_model, smollm2_gguf_path
 from model import GPT, GPTConfig, document_mask
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -50,7 +50,7 @@ def test_prepare_sft_counts_drops_and_names_skipped_rows(tmp_path, capsys):
             '{"messages": [',                                          # not JSON
             {"messages": conv("Bye", "Goodbye.")}]
     src = write_jsonl(tmp_path / "chat.jsonl", rows)
-    meta = chat.prepare_chat(str(tmp_path / "sft"), [src], "sft", GGUF, max_len=128, workers=1, val_frac=0.34)
+    meta = prepare.prepare_chat(str(tmp_path / "sft"), [src], "sft", GGUF, max_len=128, workers=1, val_frac=0.34)
     out = capsys.readouterr().out
     assert (meta["kept"], meta["long"], meta["skip"]) == (3, 1, 4)
     assert "dropped 1 longer than 128 tokens" in out and "skipped 4 invalid rows" in out
@@ -64,7 +64,7 @@ def test_prepare_sft_counts_drops_and_names_skipped_rows(tmp_path, capsys):
     kept = [rows[1]["messages"], rows[7]["messages"]]  # row 0 went to val (every 3rd kept row, from the first)
     assert seqs == [tok.render_chat(m) for m in kept]
     # --truncate keeps the long one, cut, with its trained tokens up to the cut
-    meta = chat.prepare_chat(str(tmp_path / "cut"), [src], "sft", GGUF, max_len=128, truncate=True, workers=1,
+    meta = prepare.prepare_chat(str(tmp_path / "cut"), [src], "sft", GGUF, max_len=128, truncate=True, workers=1,
                              val_frac=0.34)
     assert (meta["kept"], meta["cut"], meta["long"]) == (4, 1, 0)
 
@@ -75,7 +75,7 @@ def test_prepare_dpo_masks_only_the_last_response(tmp_path):
             {"chosen": conv("Q3", "a"), "rejected": conv("Q3-other", "b")},  # prompts differ: skipped
             {"chosen": conv("x", "first") + conv("y", "second"), "rejected": conv("x", "first") + conv("y", "other")}]
     src = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    meta = chat.prepare_chat(str(tmp_path / "dpo"), [src], "dpo", GGUF, max_len=256, workers=1, val_frac=0.34)
+    meta = prepare.prepare_chat(str(tmp_path / "dpo"), [src], "dpo", GGUF, max_len=256, workers=1, val_frac=0.34)
     assert (meta["kept"], meta["skip"]) == (3, 1)
     loader = chat.PairLoader(str(tmp_path / "dpo"), batch_pairs=2)
     x, y, idx = loader.batch("train", [0, 1])
@@ -131,6 +131,7 @@ def test_a_micro_batch_without_trained_tokens_is_zero_not_nan():
         assert all(p.grad is None or (p.grad == 0).all() for p in m.parameters())
 
 
+@pytest.mark.slow
 def test_sft_loss_equals_transformers(demo):
     # bench/posttrain_refs.py stored transformers' loss (labels -100 outside the mask, conversation by conversation)
     # of the first packed batch of the full chat demo; the same batch here, through the packed path. fp32 sums round
@@ -141,7 +142,7 @@ def test_sft_loss_equals_transformers(demo):
     full = prepare.prepare_chat_demo(os.path.join(ROOT, prepare.CHAT_DEMO_DIR))
     loader = chat.SFTLoader(os.path.join(full, "sft"), 256, ref["batch_rows"])
     x, y, pos, doc = loader.next_batch()
-    m = GPT.from_pretrained(GGUF).eval()
+    m = open_model(GGUF).model
     with torch.no_grad():
         loss = m(x, y, pos, document_mask(doc), reduction="sum")[1].item() / int((y != -100).sum())
     assert int((y != -100).sum()) == ref["tokens"]
@@ -151,21 +152,28 @@ def test_sft_loss_equals_transformers(demo):
 # ----------------------------------------------------------------------------- DPO
 
 
-def test_dpo_equals_trl(tmp_path):
-    # TRL's DPOTrainer numbers (bench/posttrain_refs.py) for step 0 (every pair's loss ln 2: policy = reference) and
-    # step 1 (after one AdamW step), against train.py on the same pairs and ids
+@pytest.mark.slow
+def test_preference_losses_equal_trl(tmp_path):
+    # TRL's DPOTrainer numbers (bench/posttrain_refs.py) for step 0 (policy = reference: DPO's loss is ln 2, APO-zero's
+    # 1, IPO's 1/(4 beta^2)) and step 1 (after one AdamW step), against train.py on the same pairs and ids, for each
+    # loss: dpo (TRL's sigmoid, with the reference precomputed and online), apo_zero and ipo
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import posttrain_refs
     with open(os.path.join(ROOT, "bench/posttrain_reference.json")) as f:
-        ref = json.load(f)["dpo"]
+        refs = json.load(f)["preference"]
+    assert set(refs) == {"dpo", "apo_zero", "ipo"}
     data_dir = posttrain_refs.dpo_pairs_dir(str(tmp_path))
-    for reference in ("precompute", "online"):
-        ours = posttrain_refs.nanosmol_dpo(data_dir, str(tmp_path / reference), dpo_reference=reference)
-        assert ours[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    step0 = {"dpo": math.log(2), "apo_zero": 1.0, "ipo": 1 / (4 * refs["ipo"]["beta"] ** 2)}
+    for objective, reference in [(o, "precompute") for o in refs] + [("dpo", "online")]:
+        ref = refs[objective]
+        ours = posttrain_refs.nanosmol_dpo(data_dir, str(tmp_path / f"{objective}_{reference}"), objective=objective,
+                                           dpo_beta=ref["beta"], dpo_reference=reference)
+        assert ours[0]["loss"] == pytest.approx(step0[objective], abs=1e-6), objective
         assert ours[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-        for a, b in zip(ref, ours):
+        assert len(ours) == len(ref["steps"]) == 2
+        for a, b in zip(ref["steps"], ours):
             for k, v in a.items():
-                assert b[k] == pytest.approx(v, abs=1e-4), (reference, k, v, b[k])
+                assert b[k] == pytest.approx(v, abs=1e-4), (objective, reference, k, v, b[k])
 
 
 # ----------------------------------------------------------------------------- runs: resume, the demo
@@ -211,6 +219,7 @@ TINY = ["--model=tiny", "--dtype=float32", "--log_interval=1", "--sample_prompt=
         "--eval_batches=2", "--learning_rate=1e-3", "--warmup_steps=2", "--schedule=cosine"]
 
 
+@pytest.mark.slow
 def test_sft_and_dpo_resume_bitwise(demo, tmp_path):
     sft = TINY + [f"--data_dir={demo}/sft", "--objective=sft", "--block_size=128", "--micro_batch_size=2",
                   "--total_batch_tokens=512", "--max_steps=10", "--eval_interval=5"]
@@ -235,22 +244,28 @@ def test_sft_and_dpo_resume_bitwise(demo, tmp_path):
     assert len(filled) == 32 and int(after[:, 0].isnan().sum()) == 2
     kept = ~before[:, 0].isnan()
     assert torch.equal(after[kept], before[kept])
-    ref, _, _ = GPT.load(str(tmp_path / "sft"))
+    ref = open_model(str(tmp_path / "sft")).model
     x, y, _ = chat.PairLoader(f"{demo}/dpo", 4).batch("train", filled[:8])
     with torch.no_grad():
         lp = ref(x, y, reduction="rows")[1].view(-1, 2).double()
     assert torch.allclose(lp, after[filled[:8]], rtol=1e-6, atol=1e-5), (lp, after[filled[:8]])
 
 
+@pytest.mark.slow
 def test_demo_shortened_sft_then_dpo_on_the_real_model(demo, tmp_path):
     # configs/sft_demo.py and dpo_demo.py cut short (BENCHMARKS.md has the full run): held-out exact match rises from
     # zero with SFT and is not lowered by DPO, whose held-out reward accuracy rises from zero
     import eval as ev
-    task = ev.load_task("chat_demo")
-    em = lambda src: sum(ev.run_task(*GPT.load(src)[:2], task, list(range(8)), chat=True, progress=False)["exact_match"])
+    import tasks
+    task = tasks.load_task("chat_demo")
+
+    def em(src):
+        opened = open_model(src)
+        return sum(ev.run_task(opened.model, opened.tokenizer, task, list(range(8)), chat=True, progress=False)["exact_match"])
     assert em("") == 0  # the instruct model answers in its own words
     common = ["--sample_prompt=", "--checkpoint_interval=1000", "--log_interval=1"]
-    train(["configs/sft_demo.py", f"--data_dir={demo}/sft", "--epochs=0.0", "--max_steps=10", "--eval_interval=1000",
+    # --max_steps decides over the config file's epochs (configurator's exclusive keys)
+    train(["configs/sft_demo.py", f"--data_dir={demo}/sft", "--max_steps=10", "--eval_interval=1000",
            "--eval_batches=1", "--warmup_steps=2", "--learning_rate=2e-4", "--total_batch_tokens=1024",
            "--micro_batch_size=4", *common], tmp_path / "sft")
     after_sft = em(str(tmp_path / "sft"))
@@ -273,6 +288,7 @@ def run_procs(args, out, nproc, fsdp=False):
     return losses(out)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(demo, tmp_path):
     # the same global batch on 1 rank x 2 micro steps and on 2 ranks x 1: SFT's mean over the global batch's trained
     # tokens and DPO's mean over its pairs come out the same. Under FSDP2; DDP averages gradients as FSDP does (the

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from checkpoint import smollm2_gguf_path
 
@@ -18,6 +17,7 @@ def run(*args, stdin=None):
                           timeout=600, env=env)
 
 
+@pytest.mark.slow
 @needs_weights
 def test_default_run_completes_the_prompt():
     r = run("--max_new_tokens=6")
@@ -25,6 +25,7 @@ def test_default_run_completes_the_prompt():
     assert r.stdout.startswith("The capital of France is Paris"), r.stdout
 
 
+@pytest.mark.slow
 @needs_weights
 def test_chat_keeps_history_and_uses_the_template():
     r = run("--chat=True", "--max_new_tokens=24", stdin="What is the capital of France?\nAnd of Italy?\n/exit\n")
@@ -33,10 +34,12 @@ def test_chat_keeps_history_and_uses_the_template():
     assert "Paris" in out and "Rome" in out, out  # the second answer needs the first turn's context
 
 
+@pytest.mark.slow
 @needs_weights
 def test_sampling_from_a_saved_hf_directory_and_a_file_prompt(tmp_path):
-    from model import GPT
-    GPT.from_pretrained(smollm2_gguf_path()).save_pretrained(tmp_path / "hf")
+    import formats
+    model, tok = formats.load_pretrained(smollm2_gguf_path())
+    formats.save_pretrained(model, tmp_path / "hf", tok)
     (tmp_path / "prompt.txt").write_text("The capital of France is")
     r = run(f"--init_from={tmp_path / 'hf'}", f"--start=FILE:{tmp_path / 'prompt.txt'}", "--max_new_tokens=4",
             "--num_samples=2", "--temperature=0.7", "--top_k=20", "--top_p=0.9")
@@ -56,7 +59,9 @@ def test_wrong_type_is_an_error():
 
 
 @pytest.mark.parametrize("arg, message", [
-    ("--temperature=-1", "temperature=-1.0 must be >= 0"),
+    ("--temperature=-1", "temperature=-1.0 must be in [0, 2]"),
+    ("--temperature=2.5", "temperature=2.5 must be in [0, 2]"),
+    ("--dtype=fp8", "dtype='fp8' must be one of float32, bfloat16, float16"),
     ("--top_p=0", "top_p=0.0 must be in (0, 1]"),
     ("--top_p=1.5", "top_p=1.5 must be in (0, 1]"),
     ("--top_k=-1", "top_k=-1 must be >= 0"),

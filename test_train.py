@@ -143,15 +143,18 @@ def test_base_run_logs_and_checkpoints(base_run):
         log = f.read()
     assert "stage 1 begins at step 10" in log and "TRAINING SECTION BEGIN" in log  # log lines and the code itself
     assert "sample: " in stdout
-    # keep_checkpoints=3 of ckpt_8, 16, 24; `latest` names the last
+    # keep_checkpoints=3 of ckpt_8, 16, 24; `latest` names the last; the run's tokenizer beside them
     assert sorted(os.listdir(out)) == sorted(["ckpt_8.pt", "ckpt_16.pt", "ckpt_24.pt", "latest", "log.txt",
-                                              "metrics.jsonl", "config.json"])
+                                              "metrics.jsonl", "config.json", "tokenizer.json", "tokenizer_config.json",
+                                              "special_tokens_map.json"])
     with open(os.path.join(out, "latest")) as f:
         assert f.read().strip() == "ckpt_24.pt"
     import torch
     ck = torch.load(os.path.join(out, "ckpt_24.pt"), map_location="cpu", weights_only=True)
     assert ck["step"] == 24 and ck["model_config"]["vocab_size"] == 512 and ck["config"]["max_steps"] == 24
     assert "tok_embeddings.weight" in ck["model"]
+    from tokenizer import Tokenizer
+    assert ck["tokenizer"] == Tokenizer.from_file(out).identity == Tokenizer.from_file(ck["config"]["data_dir"]).identity
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["total_batch_tokens"] == 256
 
@@ -192,6 +195,7 @@ def test_logged_lr_follows_schedule(base_run):
             assert r["lr"] == pytest.approx(lr(r["step"]), rel=1e-12), r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_processes_match_one(base_run, tiny_config, tmp_path, fsdp):
     # same global batch: 2 ranks x 1 micro step vs 1 rank x 2 micro steps; the logged loss is the global-batch mean
@@ -222,7 +226,10 @@ GATHERED = """
 import dataclasses, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import checkpoint
+from engine import Engine, Request
 from model import GPT, GPTConfig, PRESETS
+from tokenizer import Tokenizer
+from tokenizers import Tokenizer as HF, models
 from torch.distributed.fsdp import fully_shard
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -237,10 +244,15 @@ model(x, x)[1].backward()
 # rank 0 alone samples, and stops at a stop token: the third token greedy decoding picks
 copy = checkpoint.gathered_model(model, "cpu", all_ranks=False)
 assert (copy is None) == (rank != 0)
+tok = Tokenizer(HF(models.WordLevel({{f"t{{i}}": i for i in range(64)}}, unk_token="t0")))
 if rank == 0:
-    stop = int(ref.generate(x[:1, :4], 3, temperature=0.0)[0, -1])
-    out = copy.generate(x[:1, :4], 40, temperature=0.0, stop_tokens=(stop,))
-    assert out.shape[1] <= 7 and int(out[0, -1]) == stop, out
+    with Engine(ref, tok) as engine:
+        engine.stop_ids = set()
+        stop = engine.generate([Request(x[0, :4].tolist(), max_new_tokens=3)])[0].out[-1]
+    with Engine(copy, tok) as engine:
+        engine.stop_ids = {{stop}}
+        out = engine.generate([Request(x[0, :4].tolist(), max_new_tokens=40)])[0].out
+    assert len(out) <= 3 and out[-1] == stop, out
 model(x, x)[1].backward()  # the sharded model trains on, on both ranks
 # every rank scores with its own copy, rank 0 three forwards and rank 1 one
 copy = checkpoint.gathered_model(model, "cpu", all_ranks=True)
@@ -254,6 +266,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_fsdp_generation_and_uneven_scoring_run_no_collective(tmp_path):
     # train.py samples on rank 0 and scores eval tasks per rank with a copy gathered from the FSDP shards: ranks that
     # stop at different tokens or run different numbers of forwards cannot hang the next training step
@@ -264,6 +277,7 @@ def test_fsdp_generation_and_uneven_scoring_run_no_collective(tmp_path):
     assert p.returncode == 0 and "rank 0 done" in p.stdout and "rank 1 done" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_fsdp_sharded_checkpoints_resume_at_another_world_size(tiny_config, tmp_path):
     # FSDP writes ckpt_<step>.dcp (each rank its shards); a run saved by 2 ranks resumes on 1 and on 2 and continues
     # the uninterrupted run (fp32: FSDP on 2 ranks and one process sum in different orders, within 1e-5); optimizer,
@@ -290,11 +304,13 @@ def test_fsdp_sharded_checkpoints_resume_at_another_world_size(tiny_config, tmp_
     hf = str(tmp_path / "hf")
     subprocess.run([sys.executable, "export.py", f"--init_from={full}", f"--out={hf}"], cwd=ROOT, check=True,
                    capture_output=True, timeout=TIMEOUT)
-    from model import GPT
-    whole, exported = GPT.load(full)[0], GPT.from_pretrained(hf)
+    import formats
+    from checkpoint import open_model
+    whole, exported = open_model(full).model, formats.load_pretrained(hf)[0]
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), exported.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_bitwise(base_run, tiny_config, tmp_path):
     out = str(tmp_path / "pre")
     os.makedirs(out)
@@ -321,6 +337,7 @@ def test_sigterm_then_resume_is_bitwise(base_run, tiny_config, tmp_path):
         [(r["step"], r["val_loss"], r.get("swa_val_loss")) for r in got if "val_loss" in r]
 
 
+@pytest.mark.slow
 def test_cooldown_branch_equals_the_shorter_run(base_run, tiny_config, tmp_path):
     # the base run's step-8 checkpoint lies in its stable phase (warmup to 3, decay from 12). A branch from it that
     # decays over 4 steps is, step for step and bit for bit, the run configured with max_steps=12 and that decay
@@ -355,9 +372,11 @@ def test_init_from_checkpoint_file(base_run, tiny_config, tmp_path):
     assert [r["step"] for r in records(out) if "loss" in r] == [0, 1]
 
 
+@pytest.mark.slow
 def test_init_from_weights_of_another_tokenizer_is_an_error(base_run, tiny_config, tiny_data, tmp_path):
     # the same vocabulary size, two token ids swapped: the weights' embeddings would mean other tokens
-    from model import GPT
+    import formats
+    from checkpoint import open_model
     spec = json.loads(open(os.path.join(tiny_data, "tokenizer.json")).read())
     vocab = spec["model"]["vocab"]
     a, b = [t for t, i in vocab.items() if i in (300, 301)]
@@ -366,10 +385,9 @@ def test_init_from_weights_of_another_tokenizer_is_an_error(base_run, tiny_confi
     other.mkdir()
     (other / "tokenizer.json").write_text(json.dumps(spec))
     from tokenizer import Tokenizer
-    model, _, _ = GPT.load(base_run[0])
-    model.save_pretrained(str(tmp_path / "hf"), tokenizer=Tokenizer.from_file(str(other)))
+    formats.save_pretrained(open_model(base_run[0]).model, str(tmp_path / "hf"), Tokenizer.from_file(str(other)))
     ck = torch.load(os.path.join(base_run[0], "ckpt_24.pt"), map_location="cpu", weights_only=True)
-    ck["config"]["data_dir"] = str(other)  # a checkpoint of a run that trained on data of the other tokenizer
+    ck["tokenizer"] = Tokenizer.from_file(str(other)).identity  # a run that trained on data of the other tokenizer
     torch.save(ck, tmp_path / "ckpt_24.pt")
     for src in (tmp_path / "hf", tmp_path / "ckpt_24.pt"):
         out = tmp_path / f"out_{src.name}"
@@ -379,6 +397,7 @@ def test_init_from_weights_of_another_tokenizer_is_an_error(base_run, tiny_confi
         assert "Traceback" not in p.stderr and not os.path.exists(out / "ckpt_2.pt")
 
 
+@pytest.mark.slow
 def test_quickstart_shortened(tiny_data, tmp_path):
     # the README's job, shortened: configs/quickstart.py (its model, stages, schedule) for 4 steps of a quarter of its
     # batch, on the tiny corpus instead of the embedded one (which takes a minute to build)
@@ -417,6 +436,7 @@ def test_quickstart_shortened(tiny_data, tmp_path):
         assert rep.returncode == 1 and msg in rep.stderr and "Traceback" not in rep.stderr, (args, rep.stderr)
 
 
+@pytest.mark.slow
 def test_no_config_defaults_are_consistent(tiny_data, tmp_path):
     # `python train.py` with no config file: the default data_dir is the quickstart corpus's own directory, which the
     # default data_prepare ("auto") builds when incomplete (a complete copy of the tiny corpus stands in for it here),
@@ -469,6 +489,59 @@ def test_bad_key_inside_config_file(tmp_path):
     assert p.returncode != 0 and "warmup_step" in p.stderr and "did you mean 'warmup_steps'" in p.stderr, p.stderr
 
 
+def test_options_that_decide_the_same_thing_never_override_silently(tmp_path, capsys):
+    # a config's epochs beside --max_steps: the command line is the later word and wins, and says so; two of them in
+    # one place are an error that says which to drop
+    from configurator import configure
+    cfg = tmp_path / "c.py"
+    cfg.write_text("epochs = 2.0\nwarmup_frac = 0.1\n")
+    g = dict(max_steps=100, epochs=0.0, warmup_steps=10, warmup_frac=0.0)
+    configure(g, [str(cfg), "--max_steps=40"], exclusive=[("max_steps", "epochs"), ("warmup_steps", "warmup_frac")])
+    assert g == dict(max_steps=40, epochs=0.0, warmup_steps=10, warmup_frac=0.1)
+    assert "note: max_steps=40 (the command line) decides, not epochs=2.0" in capsys.readouterr().err
+    for argv, both in (([str(cfg), "--max_steps=40", "--epochs=1.0"], "max_steps and epochs"),
+                       ([str(cfg), "--warmup_steps=5", "--warmup_frac=0.2"], "warmup_steps and warmup_frac")):
+        g = dict(max_steps=100, epochs=0.0, warmup_steps=10, warmup_frac=0.0)
+        with pytest.raises(SystemExit, match=f"config error: {both} are both set in the command line"):
+            configure(g, argv, exclusive=[("max_steps", "epochs"), ("warmup_steps", "warmup_frac")])
+    cfg.write_text("max_steps = 10\nepochs = 1.0\n")
+    with pytest.raises(SystemExit, match=f"max_steps and epochs are both set in {cfg}"):
+        configure(dict(max_steps=100, epochs=0.0), [str(cfg)], exclusive=[("max_steps", "epochs")])
+    p = run(["--epochs=1.0", f"--out_dir={tmp_path / 'out'}"], check=False)  # pretraining's length is max_steps
+    assert p.returncode != 0 and "epochs=1.0: a run's length in passes over sft or preference data" in p.stderr
+
+
+def test_a_checkpoint_opens_only_with_its_own_tokenizer(base_run, tiny_data, tmp_path):
+    # a train.py checkpoint records its tokenizer's identity; its run directory keeps the tokenizer. An older run
+    # without it whose data_dir was rebuilt with another tokenizer is refused with both named, not decoded wrongly
+    import checkpoint
+    from tokenizer import Tokenizer
+    opened = checkpoint.open_model(base_run[0])
+    assert opened.tokenizer.identity == Tokenizer.from_file(tiny_data).identity == opened.ckpt["tokenizer"]
+    old = tmp_path / "old_run"
+    old.mkdir()
+    shutil.copy(os.path.join(base_run[0], "ckpt_24.pt"), old)  # no tokenizer beside it
+    spec = json.loads(open(os.path.join(tiny_data, "tokenizer.json")).read())
+    vocab = spec["model"]["vocab"]
+    a, b = [t for t, i in vocab.items() if i in (300, 301)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    rebuilt = tmp_path / "rebuilt"
+    rebuilt.mkdir()
+    (rebuilt / "tokenizer.json").write_text(json.dumps(spec))
+    ck = torch.load(old / "ckpt_24.pt", weights_only=True)
+    ck["config"]["data_dir"] = str(rebuilt)
+    torch.save(ck, old / "ckpt_24.pt")
+    want, other = ck["tokenizer"], Tokenizer.from_file(str(rebuilt)).identity
+    with pytest.raises(ValueError, match=f"trained with tokenizer {want}, but .*rebuilt/tokenizer.json is {other}"):
+        checkpoint.open_model(str(old))
+    r = subprocess.run([sys.executable, "sample.py", f"--init_from={old}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert r.returncode == 1 and want in r.stderr and other in r.stderr and "Traceback" not in r.stderr, r.stderr
+    shutil.copy(os.path.join(tiny_data, "tokenizer.json"), old)  # its own tokenizer back beside it: it opens
+    assert checkpoint.open_model(str(old)).tokenizer.identity == want
+
+
+@pytest.mark.slow
 def test_nonfinite_losses_stop_the_run(tiny_config, tmp_path):
     # an absurd LR blows the weights up to inf within two steps; the steps are skipped, counted, then the run stops
     out = str(tmp_path / "nan")

@@ -289,21 +289,38 @@ class Tokenizer:
 
     def token_byte_lengths(self) -> list[int]:
         # UTF-8 bytes of text each id stands for (0 for special tokens): the denominator of bits per byte, which
-        # compares models across tokenizers. A byte-level token spells one byte per character.
-        byte_of, special = {c: b for b, c in bytes_to_unicode().items()}, set(self.special_ids)
-        out = []
-        for i in range(self.vocab_size):
-            tok = self._id_to_token.get(i)
-            if tok is None or i in special:
-                out.append(0)
-            elif all(c in byte_of for c in tok):
-                out.append(len(tok))
-            else:  # not byte-level (an added plain token): count its decoded text
-                out.append(len(self._tk.decode([i]).encode("utf-8")))
-        return out
+        # compares models across tokenizers
+        special = set(self.special_ids)
+        return [0 if i in special else len(b) for i, b in enumerate(self.token_bytes())]
 
-    def _spec(self):
-        # the full tokenizer.json as a dict (parsed once: ~0.2 s for this vocabulary)
+    def token_bytes(self) -> list[bytes]:
+        # the bytes each id spells (special tokens: their text). A byte-level token spells one byte per character, so
+        # a stream of ids decodes piece by piece, each piece through an incremental UTF-8 decoder (engine.py), to
+        # exactly decode() of the whole; render_chat places its loss mask with the lengths.
+        if not hasattr(self, "_bytes"):
+            byte_of = {c: b for b, c in bytes_to_unicode().items()}
+            out = []
+            for i in range(self.vocab_size):
+                tok = self._id_to_token.get(i)
+                if tok is not None and i not in self.special_ids and all(c in byte_of for c in tok):
+                    out.append(bytes(byte_of[c] for c in tok))
+                else:  # a special or added token, or a hole in the ids: its decoded text
+                    out.append(self._tk.decode([i], skip_special_tokens=False).encode("utf-8") if tok else b"")
+            self._bytes = out
+        return self._bytes
+
+    def added_tokens(self) -> dict:
+        # {id: special?} of the tokens added beside the BPE's (the 17 special ones in SmolLM2's)
+        return {i: t.special for i, t in self._tk.get_added_tokens_decoder().items()}
+
+    @property
+    def byte_level(self) -> bool:
+        # decode() is the concatenation of token_bytes() read as UTF-8 (a ByteLevel decoder), so text can be decoded
+        # incrementally; other decoders (e.g. sentencepiece's leading-space rule) need the ids around a token
+        return type(self._tk.decoder).__name__ == "ByteLevel"
+
+    def spec(self):
+        # the full tokenizer.json as a dict (parsed once: ~0.2 s for this vocabulary; formats.py writes GGUF from it)
         if not hasattr(self, "_spec_cache"):
             self._spec_cache = json.loads(self._tk.to_str())
         return self._spec_cache
@@ -314,7 +331,7 @@ class Tokenizer:
         # normalizer/pre-tokenizer. prepare.py stores it in token-file headers to catch a tokenizer mismatch, so any
         # change to this recipe makes existing token files look foreign.
         if not hasattr(self, "_identity"):
-            spec = self._spec()
+            spec = self.spec()
             merges = [m.split(" ") if isinstance(m, str) else m for m in spec["model"].get("merges", [])]
 
             def drop_offsets(obj):  # trim_offsets changes offsets only, never ids
@@ -421,7 +438,7 @@ class Tokenizer:
             a = len(head.encode("utf-8"))
             spans.append((a, a + len((m["content"] + close).encode("utf-8"))))
         ids = self.encode(text)
-        nbytes = self._id_nbytes()
+        nbytes = [len(b) for b in self.token_bytes()]
         mask, at = [], 0
         for t in ids:
             mask.append(int(any(a <= at < b for a, b in spans)))
@@ -429,15 +446,6 @@ class Tokenizer:
         if at != len(text.encode("utf-8")):  # cannot happen for a byte-level BPE; a guard against silent misalignment
             raise ValueError("token bytes do not add up to the rendered conversation; cannot place the loss mask")
         return ids, mask
-
-    def _id_nbytes(self):
-        # UTF-8 bytes each id spells, special tokens included (their text): token offsets in render_chat
-        if not hasattr(self, "_nbytes"):
-            lens = self.token_byte_lengths()
-            for i in self.special_ids:
-                lens[i] = len(self._id_to_token[i].encode("utf-8"))
-            self._nbytes = lens
-        return self._nbytes
 
     # ------------------------------------------------------------------------------------------------ tiktoken path
     def _build_tiktoken(self):
@@ -447,7 +455,7 @@ class Tokenizer:
         # with merge index. (2) is necessary, not sufficient (tiktoken also merges unlisted pairs whose concatenation
         # is a token), so identity is proven empirically per vocabulary (FAST_PATH_PROVEN).
         import tiktoken
-        spec = self._spec()
+        spec = self.spec()
         model, pre = spec["model"], spec.get("pre_tokenizer") or {}
         why = None
         bl = lambda p: p.get("type") == "ByteLevel" and not p.get("add_prefix_space") and p.get("use_regex", True)

@@ -30,7 +30,7 @@ def bench_loader(tmp):
             lens = rng.integers(1, 1200, size=m // 300)
             lens = lens[:np.searchsorted(np.cumsum(lens), m)]
             lens = np.append(lens, m - lens.sum())
-            w = data._Writer(os.path.join(tmp, name, split), 49152, 0, "bench")
+            w = data.TokenWriter(os.path.join(tmp, name, split), 49152, 0, "bench")
             w.add(rng.integers(0, 49152, size=m, dtype=np.uint16), lens)
             w.finish()
         with open(os.path.join(tmp, name, "meta.json"), "w") as f:

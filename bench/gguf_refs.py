@@ -1,5 +1,5 @@
 """
-nanosmol's GGUF export (model.save_gguf) checked by llama.cpp itself, on the real SmolLM2-135M-Instruct (CPU):
+nanosmol's GGUF export (formats.save_gguf) checked by llama.cpp itself, on the real SmolLM2-135M-Instruct (CPU):
 
 1) the f32 export loads in llama.cpp and its greedy continuations (32 tokens, two prompts) equal nanosmol's;
 2) llama.cpp's tokenizer, read from the export, gives nanosmol's ids on a unicode text;
@@ -24,8 +24,9 @@ import tempfile
 sys.path[0] = ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
+import formats  # noqa: E402
 from checkpoint import smollm2_gguf_path  # noqa: E402
-from model import GPT  # noqa: E402
+from engine import Engine, Request  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
 UNICODE = "Grüße, 世界! Ça coûte 3,50 € — naïve café 😀 ünïcödé\tand\n\n  spaces 12345 ∑x²"
@@ -36,8 +37,7 @@ GREEDY_TOKENS = 32
 def gguf_digest(path: str) -> str:
     # what llama.cpp reads, independent of the writer's byte layout: the metadata key/values (sorted), then every
     # tensor's name, ggml type, shape and bytes
-    from checkpoint import read_gguf_tensors
-    meta, tensors = read_gguf_tensors(path)
+    meta, tensors = formats.read_gguf_tensors(path)
     h = hashlib.sha256()
     for key in sorted(meta):
         h.update(key.encode() + b"=" + json.dumps(meta[key], ensure_ascii=False).encode() + b"\n")
@@ -47,13 +47,16 @@ def gguf_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def export_all(model, directory) -> dict:
-    return {dt: model.save_gguf(os.path.join(directory, f"smollm2-135m-instruct-{dt}.gguf"), dtype=dt) for dt in DTYPES}
+def export_all(model, tok, directory) -> dict:
+    return {dt: formats.save_gguf(model, os.path.join(directory, f"smollm2-135m-instruct-{dt}.gguf"), tok, dtype=dt)
+            for dt in DTYPES}
 
 
-def nanosmol_greedy(model, ids, n=GREEDY_TOKENS) -> list:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, temperature=0.0)
-    return out[0, len(ids):].tolist()
+def nanosmol_greedy(model, tok, ids, n=GREEDY_TOKENS) -> list:
+    # n greedy tokens, as llama.cpp's loop below samples them: no stop token ends them early
+    with Engine(model, tok) as engine:
+        engine.stop_ids = set()
+        return engine.generate([Request(ids, max_new_tokens=n)])[0].out
 
 
 def main():
@@ -72,13 +75,12 @@ def main():
         return p
     lib.llama_model_default_params = plain_cpu_params
     torch.set_num_threads(2)
-    model = GPT.from_pretrained(smollm2_gguf_path()).eval()
-    tok = model.tokenizer
+    model, tok = formats.load_pretrained(smollm2_gguf_path())
     from importlib.metadata import version
     ref = {"llama_cpp_python": llama_cpp.__version__, "gguf": version("gguf"),
            "greedy_tokens": GREEDY_TOKENS, "prompts": [], "exports": {}}
     with tempfile.TemporaryDirectory() as d:
-        paths = export_all(model, d)
+        paths = export_all(model, tok, d)
         llm = llama_cpp.Llama(paths["f32"], n_ctx=512, n_threads=2, verbose=False, seed=0)
         for prompt in PROMPTS:
             ids = tok.encode(prompt)
@@ -89,7 +91,7 @@ def main():
             for _ in range(GREEDY_TOKENS):
                 cont.append(llm.sample(temp=0.0, top_k=1))
                 llm.eval([cont[-1]])
-            ours = nanosmol_greedy(model, ids)
+            ours = nanosmol_greedy(model, tok, ids)
             same = sum(a == b for a, b in zip(cont, ours))
             print(f"{prompt!r}: tokenization equal {llama_ids == ids}; greedy {same}/{GREEDY_TOKENS} equal\n"
                   f"  llama.cpp: {llm.detokenize(cont).decode(errors='replace')!r}\n  nanosmol:  {tok.decode(ours)!r}")

@@ -17,7 +17,8 @@ import torch  # noqa: E402
 
 import chat  # noqa: E402
 import eval as ev  # noqa: E402
-from model import GPT  # noqa: E402
+from checkpoint import open_model  # noqa: E402
+from tasks import load_task  # noqa: E402
 
 args = dict(limit=100, sft="out/sft_demo", dpo="out/dpo_demo", pairs="data_cache/chat_demo/dpo")
 for a in sys.argv[1:]:
@@ -38,7 +39,7 @@ def preference_accuracy(model, loader):
     return wins / n
 
 
-task = ev.load_task("chat_demo")
+task = load_task("chat_demo")
 pairs = chat.PairLoader(args["pairs"], batch_pairs=16)
 print(f"chat demo: {args['limit']} held-out questions (exact match, greedy, chat template), "
       f"{pairs.n_pairs['val']} held-out preference pairs; {torch.get_num_threads()} threads")
@@ -49,7 +50,8 @@ for name, src in [("SmolLM2-135M-Instruct", ""), ("+ SFT", args["sft"]), ("+ SFT
     if src and not os.path.exists(src):
         print(f"| {name} | {src} missing: run its config first | | | |")
         continue
-    model, tok, _ = GPT.load(src)
+    opened = open_model(src)
+    model, tok = opened.model, opened.tokenizer
     t0 = time.perf_counter()
     em = ev.run_task(model, tok, task, ev.task_examples(task, args["limit"]), chat=True, progress=False)["exact_match"]
     mu, se = ev.mean_stderr(em)
