@@ -7,8 +7,11 @@ norm, output); formats.py translates to and from the Hugging Face and GGUF layou
 sampling) is engine.py's; opening a checkpoint is checkpoint.open_model's.
 References: ../shared/REFERENCE.md, nanoGPT (model owns init, optimizer groups and MFU), gpt-fast (presets).
 """
+import importlib
 import math
 import os
+import sys
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -86,9 +89,23 @@ def _use_kernel(flag: Optional[bool], x: torch.Tensor) -> bool:
     return True
 
 
-def _kernels():
-    import kernels  # noqa: lazy so model.py imports without triton
-    return kernels
+_TRITON = None  # the kernels' module once imported: a global that torch.compile reads, never an import it traces
+
+
+def triton_kernels():
+    # nanosmol's Triton kernels (kernels/ops.py), imported on first use so that model.py works where triton is absent
+    # (a model with a triton_* switch on imports them when built). kernels/ is a folder without __init__.py, imported
+    # here under the package name "nanosmol_kernels": Python prefers an installed package to such a folder (PEP 420), so
+    # `import kernels` finds Hugging Face's where it is installed (transformers >= 5.25 imports it), even in a Python
+    # started in this directory
+    global _TRITON
+    if _TRITON is None:
+        if "nanosmol_kernels" not in sys.modules:
+            package = types.ModuleType("nanosmol_kernels")
+            package.__path__ = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")]
+            sys.modules["nanosmol_kernels"] = package
+        _TRITON = importlib.import_module("nanosmol_kernels.ops")
+    return _TRITON
 
 
 def _cpu_kernels():
@@ -136,7 +153,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if _use_kernel(self.use_triton, x):
-            return _kernels().rms_norm(x, self.weight, self.eps)
+            return triton_kernels().rms_norm(x, self.weight, self.eps)
         return self.weight * rms_unscaled(x, self.eps)
 
 
@@ -182,13 +199,13 @@ class Attention(nn.Module):
         qk = qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D)  # the q and k heads side by side: rotated in one call
         v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
         if cos.dim() == 2 and _use_kernel(self.cfg.triton_rope, x):  # the kernel takes one (T, D/2) table for all rows
-            qk = _kernels().apply_rope(qk, cos, sin)
+            qk = triton_kernels().apply_rope(qk, cos, sin)
         else:
             qk = apply_rope(qk, cos, sin)
         q, k = qk.split([H, Hkv], dim=2)  # (B, T, heads, D)
 
         if cache is None and mask is None and _use_kernel(self.cfg.triton_attention, x):
-            y = _kernels().flash_attention(q, k, v, causal=True)  # (B, T, H, D), GQA inside the kernel
+            y = triton_kernels().flash_attention(q, k, v, causal=True)  # (B, T, H, D), GQA inside the kernel
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
             if cache is not None:
@@ -265,6 +282,8 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight  # one tensor, counted once
         self.activation_checkpointing = False  # recompute each block in backward (train.py's switch)
+        if True in (config.triton_rmsnorm, config.triton_rope, config.triton_attention):
+            triton_kernels()  # now, not first inside a torch.compile trace
         self.setup_rope(config.block_size, config.rope_theta)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()

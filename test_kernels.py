@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from model import triton_kernels
+
+kernels = triton_kernels()  # kernels/ops.py, the package nanosmol_kernels
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton cannot run here (no triton, or no GPU and "
@@ -272,10 +274,50 @@ def test_errors_are_clear():
 
 
 def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
-    import kernels.utils
     monkeypatch.setattr(kernels.utils, "INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)
+
+
+def test_kernels_folder_never_shadows_hugging_faces_kernels_package(tmp_path):
+    # transformers >= 5.25 imports Hugging Face's `kernels` package; a Python started in the repo root (a notebook in
+    # the checkout) has this folder on its path first. kernels/ has no __init__.py, so an installed package of that name
+    # wins (PEP 420), and nanosmol imports its own as nanosmol_kernels. Here a stand-in for the installed package:
+    import subprocess
+    import sys
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("CUDAProperties = 'hugging face'\n")
+    root = os.path.dirname(os.path.abspath(__file__))
+    code = ("from kernels import CUDAProperties; assert CUDAProperties == 'hugging face'\n"
+            "from model import triton_kernels; k = triton_kernels()\n"
+            "assert k.__name__ == 'nanosmol_kernels.ops' and callable(k.rms_norm) and k.attention.FWD_CONFIGS\n"
+            "print('both')")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "both", r.stderr[-2000:]
+    # and without an installed package of that name, `import kernels` in the repo root is this folder, a namespace
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("kernels")
+        return  # Hugging Face's is installed in this environment: it is what `import kernels` finds, as it should
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    r = subprocess.run([sys.executable, "-c", "import kernels; print(list(kernels.__path__))"], cwd=root,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and os.path.join(root, "kernels") in r.stdout, r.stderr
+
+
+def test_transformers_llama_loads_from_the_repo_root():
+    # where transformers is installed (a researcher's usual venv; not in CI), its Llama code imports from the repo root
+    import importlib.util
+    import subprocess
+    import sys
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed here")
+    r = subprocess.run([sys.executable, "-c", "import transformers.models.llama.modeling_llama"],
+                       cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit path")

@@ -4,7 +4,7 @@
 # interpreter tests (test_kernels.py) prove the numerics on small tiles; this proves the big ones build and fit.
 # aot.py runs in a subprocess without TRITON_INTERPRET (conftest.py sets it for this process, and @triton.jit reads it
 # when the kernels are defined). To keep CI short, only the causal attention the model trains with is compiled here,
-# and not fp16, whose tiles are bf16's (the same tables, 16-bit MMAs of the same shape); `python -m kernels.aot` (both
+# and not fp16, whose tiles are bf16's (the same tables, 16-bit MMAs of the same shape); `python kernels/aot.py` (both
 # variants, every dtype) makes the full table in BENCHMARKS.md.
 import json
 import os
@@ -29,7 +29,7 @@ def _run(args, timeout):
 @pytest.fixture(scope="module")
 def aot(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "aot.json"
-    r = _run(["-m", "kernels.aot", "--causal=true", "--dtypes=bf16,fp32", f"--json={out}"], timeout=1200)
+    r = _run(["kernels/aot.py", "--causal=true", "--dtypes=bf16,fp32", f"--json={out}"], timeout=1200)
     assert out.exists(), f"kernels.aot wrote no results (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return json.loads(out.read_text()), r
 
@@ -63,7 +63,8 @@ def test_shared_memory_registers_and_spills_within_limits(aot):
 
 def test_a_spilling_config_is_reported():
     # the checker can fail: the dK/dV tile of before the AOT pass (128 keys, 4 warps) spills ~500 B on sm_90
-    code = ("import json; from kernels import aot, attention\n"
+    code = ("import json; from model import triton_kernels; attention = triton_kernels().attention\n"
+            "import nanosmol_kernels.aot as aot\n"
             "attention.DKDV_CONFIGS[(2, 64)] = (32, 128, 4, 3)\n"
             "aot.SHAPES = [('smol135m', 9, 3, 64)]\n"
             "job = next(j for j in aot.plan([90], ['bf16'], (True,)) if j.kernel == '_attn_bwd_dkdv_kernel')\n"
@@ -76,6 +77,6 @@ def test_a_spilling_config_is_reported():
 
 def test_refuses_to_run_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "kernels.aot", "--targets=90"], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "kernels/aot.py", "--targets=90"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode != 0 and "TRITON_INTERPRET" in r.stderr and "Traceback" not in r.stderr

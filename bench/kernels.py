@@ -103,7 +103,8 @@ def try_liger(name):
 
 # ------------------------------------------------------------------------------------------------------- RMSNorm
 def bench_rmsnorm():
-    import kernels
+    from model import triton_kernels
+    kernels = triton_kernels()
     from model import RMSNorm
     liger = try_liger("rmsnorm")
     peak = peak_gbs()
@@ -140,7 +141,8 @@ def bench_rmsnorm():
 
 # ---------------------------------------------------------------------------------------------------------- RoPE
 def bench_rope():
-    import kernels
+    from model import triton_kernels
+    kernels = triton_kernels()
     from model import apply_rope, rope_tables
     compiled = compile_(apply_rope)
     liger = try_liger("rope")
@@ -210,7 +212,8 @@ def attention_flops(B, H, T, D, mode):
 
 
 def bench_attention():
-    import kernels
+    from model import triton_kernels
+    kernels = triton_kernels()
     print("\n### Attention (causal, bf16, head_dim 64)\n")
     row(["heads q/kv", "B x T", "pass", "ours ms", "ours TFLOP/s", "SDPA flash ms (x)", "SDPA cuDNN ms (x)",
          "SDPA math ms (x)"])
@@ -259,7 +262,8 @@ def sweep_attention():
     # to write into FWD_CONFIGS / DKDV_CONFIGS / DQ_CONFIGS in kernels/attention.py.
     import itertools
 
-    import kernels
+    from model import triton_kernels
+    kernels = triton_kernels()
     A = kernels.attention  # the module: its tile tables
     B, T, H, Hkv, D = max(1, TOKENS // SEQ_LENS[0]), SEQ_LENS[0], 9, 3, 64
     q = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)

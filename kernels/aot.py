@@ -1,7 +1,7 @@
 # Ahead-of-time compilation of every GPU configuration of nanosmol's kernels, on a machine without a GPU.
 #
-#   python -m kernels.aot                      # sm_90 and sm_80, bf16/fp16/fp32: a markdown table, exit 1 on a failure
-#   python -m kernels.aot --targets=90 --dtypes=bf16 --jobs=8 --json=aot.json
+#   python kernels/aot.py                      # sm_90 and sm_80, bf16/fp16/fp32: a markdown table, exit 1 on a failure
+#   python kernels/aot.py --targets=90 --dtypes=bf16 --jobs=8 --json=aot.json
 #
 # How: the launchers in attention.py, rmsnorm.py and rope.py run on CPU tensors of SmolLM2's training shapes (T=2048,
 # the model's own layouts: rope on a view of the fused qkv, attention on slices of its output) with `launch` replaced by
@@ -29,7 +29,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__" and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = ROOT  # run as a file: the repo root, not kernels/ (whose utils.py would be a top-level module)
+
+import torch  # noqa: E402
 
 # Per-target limits (CUDA programming guide, compute capabilities 8.0 and 9.0): shared memory one block may opt into,
 # the register file of an SM, and the SM count that sizes rmsnorm's backward grid.
@@ -84,10 +88,19 @@ class Result:
     errors: list = field(default_factory=list)
 
 
+def _kernels():
+    # nanosmol's kernels (model.triton_kernels(): the package "nanosmol_kernels"), in this process or a spawned worker
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from model import triton_kernels
+    return triton_kernels()
+
+
 # ------------------------------------------------------------------------------------------------ recording launches
 def record(target: int, dtype: torch.dtype, shape, causals=(True, False)) -> list:
     """Run every op forward and backward on CPU tensors with the launches recorded instead of run: (kernel, args, kw)."""
-    from kernels import attention, rmsnorm, rope
+    k = _kernels()
+    attention, rmsnorm, rope = k.attention, k.rmsnorm, k.rope
     calls = []
     modules = (attention, rmsnorm, rope)
     saved = [(m, m.launch, m.check_device) for m in modules]
@@ -167,6 +180,7 @@ def compile_job(job: Job) -> Result:
     triton.knobs.compilation.always_compile = True
     log = io.StringIO()
     try:
+        _kernels()  # a spawned worker imports the kernels' package first
         kernel = getattr(importlib.import_module(job.module), job.kernel)
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(kernel, job.signature, job.constexprs, job.attrs),
@@ -196,10 +210,9 @@ def compile_job(job: Job) -> Result:
 
 
 def run(targets=(90, 80), dtypes=("bf16", "fp16", "fp32"), causals=(True, False), jobs=None) -> list:
-    from kernels.utils import INTERPRET
-    if INTERPRET:
+    if _kernels().utils.INTERPRET:
         raise SystemExit("kernels.aot: TRITON_INTERPRET is set, so @triton.jit built interpreter functions that cannot "
-                         "be compiled; run it without the variable (env -u TRITON_INTERPRET python -m kernels.aot)")
+                         "be compiled; run it without the variable (env -u TRITON_INTERPRET python kernels/aot.py)")
     work = plan(targets, dtypes, causals)
     workers = max(1, min(jobs or os.cpu_count() or 1, len(work)))
     if workers == 1:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.utils import INTERPRET, check_device, dot_precision, launch
+from .utils import INTERPRET, check_device, dot_precision, launch
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native instruction
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # powers of two that tl.dot takes; SmolLM2 uses 64, the tiny preset 16

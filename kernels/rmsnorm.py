@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.utils import INTERPRET, check_device, launch, num_sms
+from .utils import INTERPRET, check_device, launch, num_sms
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.utils import INTERPRET, check_device, launch
+from .utils import INTERPRET, check_device, launch
 
 
 @triton.jit

@@ -1,13 +1,17 @@
 # nanosmol's Triton kernels, one file per op, each registered with torch.library (namespace "nanosmol::") so that
-# torch.compile(model, fullgraph=True) traces through them, each differentiable:
+# torch.compile(model, fullgraph=True) traces through them, each differentiable. kernels = model.triton_kernels() (this
+# module):
 #   kernels.rms_norm(x, weight, eps)            x (..., C), weight (C,)             rmsnorm.py
 #   kernels.apply_rope(x, cos, sin)             x (B, T, H, D), cos/sin (T, D/2)     rope.py
 #   kernels.flash_attention(q, k, v, causal)    q (B, T, H, D), k/v (B, T, Hkv, D)   attention.py  (FlashAttention-2, GQA)
 # model.py calls them on CUDA by default and keeps its PyTorch code as the reference (triton_*=False).
 # Without a GPU, TRITON_INTERPRET=1 (set before this import; conftest.py does it) runs them on CPU tensors, slowly.
-# Importing this package never fails: without Triton (macOS, Windows) the ops raise an error that says what to do.
+# Importing this module never fails: without Triton (macOS, Windows) the ops raise an error that says what to do.
 # The ops are named apart from their files, so kernels.attention, kernels.rope and kernels.rmsnorm are the submodules
 # (e.g. kernels.attention.FWD_CONFIGS, the tile table a benchmark edits).
+# kernels/ has no __init__.py on purpose: model.triton_kernels() imports it as the package "nanosmol_kernels", so that
+# `import kernels` finds Hugging Face's package where it is installed (transformers >= 5.25 imports it), even in a
+# Python started in this directory. Inside the folder every import is relative.
 try:
     import triton  # noqa: F401
     _import_error = None
@@ -15,12 +19,12 @@ except Exception as e:  # pragma: no cover - exercised only on machines without 
     _import_error = e
 
 if _import_error is None:
-    from kernels import attention, rmsnorm, rope  # noqa: F401 (the submodules, as attributes of the package)
-    from kernels.attention import flash_attention
-    from kernels.rmsnorm import rms_norm
-    from kernels.rope import apply_rope
-    from kernels.utils import INTERPRET as _interpret_at_import
-    from kernels.utils import launches
+    from . import attention, rmsnorm, rope, utils  # noqa: F401 (the submodules, as attributes of this module)
+    from .attention import flash_attention
+    from .rmsnorm import rms_norm
+    from .rope import apply_rope
+    from .utils import INTERPRET as _interpret_at_import
+    from .utils import launches
 else:  # pragma: no cover
     launches = {}
     _interpret_at_import = False
