@@ -105,6 +105,18 @@ def _one_of(g, known, where, group):
         g[k] = known[k]
 
 
+def require(config: dict, choices: dict, positive=()):
+    # one-line errors for values outside their choices (compared with their type: True is not 1) and for counts that
+    # must be positive
+    for key, allowed in choices.items():
+        v = config[key]
+        if not any(v is a or (type(v) is type(a) and v == a) for a in allowed):
+            _fail(f"{key}={v!r} is not one of {allowed}")
+    for key in positive:
+        if config[key] <= 0:
+            _fail(f"{key} must be positive, got {config[key]}")
+
+
 # -----------------------------------------------------------------------------
 # option checks shared by the scripts: one range per option, everywhere
 

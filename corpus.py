@@ -16,7 +16,9 @@ import sysconfig
 import zlib
 
 QUICKSTART_DIR = os.path.join("data_cache", "quickstart")
-QUICKSTART_VERSION = 1
+QUICKSTART_DIRS = {"quickstart": QUICKSTART_DIR, "quickstart_smollm2": os.path.join("data_cache", "quickstart_smollm2")}
+QUICKSTART_VOCAB = 8192  # the quickstart's own BPE: a 49152-token head was ~80% of its FLOPs (BENCHMARKS.md)
+QUICKSTART_VERSION = 2   # 2: the corpus BPE by default, SmolLM2's tokenizer in quickstart_smollm2
 
 
 def _stdlib_files():

@@ -413,7 +413,7 @@ def main(argv):
         top_p=0.95,
         seed=1234,           # few-shot draws and sampling
         chat=False,          # render prompts through the chat template (instruct models)
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        device="auto",       # a CUDA GPU, else Apple's MPS, else the CPU
         dtype="float32",     # float32, bfloat16 or float16
         out="",              # write the results (JSON) here
         log_samples="",      # write one JSON line per example here
@@ -435,6 +435,8 @@ def main(argv):
         raise EvalError(f"--n_samples={c.n_samples} with --temperature=0 gives n copies of the greedy completion: "
                         f"set --temperature (e.g. 0.8)")
     tasks = [load_task(t.strip(), c.data_dir, c.from_hub, c.extract) for t in c.tasks.split(",") if t.strip()]
+    from runtime import pick_device
+    c.device = pick_device()[0] if c.device == "auto" else c.device
     opened = open_model(c.init_from)  # every task checked first
     tok, model = opened.tokenizer, opened.model.to(device=c.device, dtype=ptdtype).eval()
     print(f"loaded {opened.source}", file=sys.stderr)

@@ -8,7 +8,7 @@ What differs between training objectives, one unit each; train.py is the loop ar
                         DPO's sigmoid, APO-zero (SmolLM3's), IPO
 
 An objective is built from the run (Run: the config, the ranks, the device) and gives train.py:
-    loader()                      its data loader: next_batch(), stages, state_dict(); val_batches() for validate
+    loader(max_steps)             its data loader: next_batch(), stages, state_dict(); val_batches() for validate
     accum_steps(T, B)             micro steps per optimizer step at a stage's shape
     describe(accum, max_steps)    the run's size, for the log
     setup(model, tok, ckpt, ...)  once the model exists (before it is wrapped): the preference reference's pass
@@ -29,6 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import chat
+import corpus
+import data
+from checkpoint import open_model
 from model import document_mask
 
 
@@ -97,19 +101,22 @@ class Objective:
 
 class Pretrain(Objective):
     def data_preset(self):
-        import corpus  # "auto": the quickstart corpus when data_dir is its directory, so `python train.py` runs offline
+        # "auto": a quickstart corpus when data_dir is its directory, so `python train.py` runs offline
         if self.cfg["data_prepare"] == "auto":
-            same = os.path.normpath(self.cfg["data_dir"]) == os.path.normpath(corpus.QUICKSTART_DIR)
-            return ("quickstart", self.cfg["data_dir"]) if same else None
+            d = os.path.normpath(self.cfg["data_dir"])
+            return next(((p, d) for p, q in corpus.QUICKSTART_DIRS.items() if os.path.normpath(q) == d), None)
         return super().data_preset()
 
-    def loader(self):
-        import data  # a stage's rope_theta is the model's business (train.py), not the loader's
-        c, stages = self.cfg, self.cfg["stages"]
+    def loader(self, max_steps):
+        # a stage's start in tokens, or as a float in (0, 1) a fraction of the run (rounded to a step, so a stage that
+        # changes the batch's shape begins on a step boundary); a stage's rope_theta is the model's business (train.py)
+        c, total = self.cfg, self.cfg["total_batch_tokens"]
+        start = lambda x: round(x * max_steps) * total if isinstance(x, float) and 0 < x < 1 else x
+        stages = c["stages"] and [{**{k: v for k, v in s.items() if k != "rope_theta"}, "start": start(s["start"])}
+                                  for s in c["stages"]]
         self.loader_ = data.MixtureLoader(c["data_dir"], block_size=c["block_size"], batch_size=c["micro_batch_size"],
                                           rank=self.run.rank, world_size=self.run.world_size, seed=c["seed"],
-                                          stages=stages and [{k: v for k, v in s.items() if k != "rope_theta"}
-                                                             for s in stages])
+                                          stages=stages)
         return self.loader_
 
     def loss(self, model, batch):
@@ -122,8 +129,7 @@ class Pretrain(Objective):
 
 
 class SFT(Objective):
-    def loader(self):
-        import chat
+    def loader(self, max_steps):
         c = self.cfg
         self.loader_ = chat.SFTLoader(c["data_dir"], c["block_size"], c["micro_batch_size"], self.run.rank,
                                       self.run.world_size, c["seed"])
@@ -195,8 +201,7 @@ class Preference(Objective):
     def data_preset(self):
         return SFT.data_preset(self)
 
-    def loader(self):
-        import chat
+    def loader(self, max_steps):
         c = self.cfg
         self.loader_ = chat.PairLoader(c["data_dir"], c["micro_batch_size"], self.run.rank, self.run.world_size,
                                        c["seed"])
@@ -258,7 +263,6 @@ class Preference(Objective):
 
     def reference(self):
         # a frozen copy of the reference model: every step's ("online"), or the stored pass's when a resume reads further
-        from checkpoint import open_model
         try:
             return open_model(self.init_origin, need_tokenizer=False).model.to(self.run.device).requires_grad_(False)
         except (ValueError, OSError) as e:

