@@ -105,7 +105,7 @@ class SFTLoader:
     across rows), rows shuffled, rank r taking its share of each global batch. next_batch() -> (x, y, positions,
     doc) int64 (B, T): y is -100 where the next token is not trained or belongs to another conversation, positions
     restart at 0 for each conversation, doc numbers the conversations of a row (-1: padding): attention must not
-    cross them (model.document_mask). The state is (epoch, row): resume is exact."""
+    cross them (documents.Documents). The state is (epoch, row): resume is exact."""
 
     def __init__(self, data_dir, block_size, batch_size, rank=0, world_size=1, seed=1337):
         self.meta, self.splits = open_chat(data_dir, "sft")

@@ -6,6 +6,8 @@ sources are prepared once (prepare.py), and the trainer reads them at weights th
 
     loader = MixtureLoader("data_cache/mix", block_size=2048, batch_size=16, stages=stages, rank=r, world_size=W)
     x, y = loader.next_batch()    # int64 (B, T); y is x shifted by one token
+    # doc_ids=True: x, y, doc = loader.next_batch(); doc (B, T) int32 numbers the documents of each window (from the
+    # .idx files), for attention within documents (documents.Documents)
 
 On disk (all integers little-endian), as prepare.py writes it:
     DIR/tokenizer.json (+ configs)       the tokenizer every source was encoded with
@@ -195,6 +197,21 @@ def open_tokens(path):
     return arr
 
 
+def mark_docs(doc_starts, a, first):
+    # first[t] = whether a document of the token file starts at token a + t (doc_starts: the .idx's sorted starts)
+    lo, hi = np.searchsorted(doc_starts, [a, a + len(first)])
+    first[:] = False
+    first[(doc_starts[lo:hi] - a).astype(np.int64)] = True
+
+
+def doc_numbers(first):
+    # (B, T) bool document starts -> (B, T) int32 document numbers from 0 (documents.Documents); a window's first token
+    # begins its first document whatever the flag says
+    ids = np.zeros(first.shape, dtype=np.int32)
+    np.cumsum(first[:, 1:], axis=1, out=ids[:, 1:])
+    return torch.from_numpy(ids)
+
+
 class _Source:
     """One source's training tokens as an endless stream, read as shuffled windows. Two levels of shuffling:
     1. Epoch e of the stream is the documents regrouped into chunks of whole documents (~chunk_tokens each), in a
@@ -214,6 +231,7 @@ class _Source:
         self.tokens = open_tokens(os.path.join(data_dir, name, "train.bin"))
         self.n = len(self.tokens)
         doc_starts = open_tokens(os.path.join(data_dir, name, "train.idx"))[:-1]  # uint64 memmap, never loaded whole
+        self.doc_starts = doc_starts
         # chunk k starts at the first document boundary at or after k * step (long documents stay whole). At most
         # MAX_CHUNKS chunks, so a trillion-token source keeps its per-epoch tables small (~16 MB) with coarser chunks.
         step = max(chunk_tokens, -(-self.n // self.MAX_CHUNKS))
@@ -268,7 +286,9 @@ class _Source:
             pos = s0 + (k + take) * T
         return out, pos
 
-    def gather(self, starts, length, buf, rows):  # buf[rows[i]] = stream[starts[i] : starts[i] + length]
+    def gather(self, starts, length, buf, rows, first=None):
+        # buf[rows[i]] = stream[starts[i] : starts[i] + length]; first (optional, bool like buf): True where a
+        # document begins
         if len(starts) == 0:
             return
         epoch, q = np.divmod(starts, self.n)
@@ -283,16 +303,20 @@ class _Source:
             for i, r, ai, f in zip(sel.tolist(), rows[sel].tolist(), a.tolist(), fits.tolist()):
                 if f:  # slices: cheaper than one fancy-indexed gather of every token
                     buf[r] = self.tokens[ai:ai + length]
+                    if first is not None:
+                        mark_docs(self.doc_starts, ai, first[r])
                 else:
                     slow.append(i)
         for i in slow:                                     # across a chunk edge (or an epoch's end)
-            self.read(int(starts[i]), buf[rows[i]])
+            self.read(int(starts[i]), buf[rows[i]], None if first is None else first[rows[i]])
 
-    def read(self, pos, out):  # out[:] = stream[pos : pos + len(out)]
+    def read(self, pos, out, first=None):  # out[:] = stream[pos : pos + len(out)]; first: as gather's
         length = len(out)
         if self._lo <= pos and pos + length <= self._hi:  # most windows lie inside the chunk the last one ended in
             a = self._base + pos - self._lo
             out[:] = self.tokens[a:a + length]
+            if first is not None:
+                mark_docs(self.doc_starts, a, first)
             return
         filled = 0
         while filled < length:
@@ -303,6 +327,8 @@ class _Source:
             take = min(self._hi - pos, length - filled)
             a = self._base + pos - self._lo
             out[filled:filled + take] = self.tokens[a:a + take]
+            if first is not None:  # a chunk begins with a document: the index has its start too
+                mark_docs(self.doc_starts, a, first[filled:filled + take])
             filled += take
             pos += take
 
@@ -362,11 +388,12 @@ class MixtureLoader:
     source's windows are shuffled within segments of shuffle_tokens of its chunk-shuffled stream (_Source)."""
 
     def __init__(self, data_dir, block_size, batch_size, stages=None, rank=0, world_size=1, seed=1337,
-                 chunk_tokens=8192, shuffle_tokens=1 << 25):
+                 chunk_tokens=8192, shuffle_tokens=1 << 25, doc_ids=False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.data_dir, self.rank, self.world_size, self.seed = data_dir, rank, world_size, seed
         self.chunk_tokens, self.shuffle_tokens = chunk_tokens, shuffle_tokens
+        self.doc_ids = doc_ids  # batches add each token's document number (the token files' own index)
         available = list_sources(data_dir)
         if not available:
             raise DataError(f"{data_dir}: no prepared sources in it\n---> HINT: python prepare.py --out {data_dir} ...")
@@ -445,6 +472,7 @@ class MixtureLoader:
         left = self._next_switch(batch_start=True)
         T, B, W, rank = self.block_size, self.batch_size, self.world_size, self.rank
         buf = np.empty((B, T + 1), dtype=np.uint16)
+        first = np.empty((B, T + 1), dtype=bool) if self.doc_ids else None
         j = 0
         while j < B * W:
             if left == 0:
@@ -457,7 +485,7 @@ class MixtureLoader:
                     continue
                 starts, self.pos[d] = self._src[d].windows(self.pos[d], len(mine), T)
                 keep = (j + mine) % W == rank  # windows overlap by one token, so each token is input and target once
-                self._src[d].gather(starts[keep], T + 1, buf, (j + mine[keep]) // W)
+                self._src[d].gather(starts[keep], T + 1, buf, (j + mine[keep]) // W, first)
             self.stage_seq += n
             self.seq += n
             self.tokens_consumed += n * T
@@ -471,7 +499,7 @@ class MixtureLoader:
                           f"epochs starts to hurt (SmolLM2 paper §4)", file=sys.stderr)
         x = torch.from_numpy(buf[:, :-1].astype(np.int64))  # (B, T) int64, contiguous
         y = torch.from_numpy(buf[:, 1:].astype(np.int64))
-        return x, y
+        return (x, y) if first is None else (x, y, doc_numbers(first[:, :-1]))
 
     def epochs(self):
         return {n: self.pos[i] / self._src[i].n for i, n in enumerate(self.sources)}
@@ -484,6 +512,7 @@ class MixtureLoader:
             raise DataError(f"unknown source '{source}'; this loader has {self.sources}")
         T, B, W = self.block_size, self.batch_size, self.world_size
         toks = open_tokens(os.path.join(self.data_dir, source, "val.bin"))
+        doc_starts = open_tokens(os.path.join(self.data_dir, source, "val.idx"))[:-1] if self.doc_ids else None
         n_win = (len(toks) - 1) // T
         if n_win < 1:
             raise DataError(f"source '{source}': val split has {len(toks)} tokens, fewer than one block of {T} + 1; "
@@ -498,7 +527,13 @@ class MixtureLoader:
             w = ((b * W + self.rank) * B + np.arange(B)) % n_win  # (B,) window indices
             idx = w[:, None] * T + np.arange(T + 1)[None, :]     # (B, T+1) token indices
             win = toks[idx].astype(np.int64)
-            out.append((torch.from_numpy(win[:, :-1].copy()), torch.from_numpy(win[:, 1:].copy())))
+            batch = (torch.from_numpy(win[:, :-1].copy()), torch.from_numpy(win[:, 1:].copy()))
+            if self.doc_ids:
+                first = np.empty((B, T), dtype=bool)
+                for r, wr in enumerate(w.tolist()):
+                    mark_docs(doc_starts, wr * T, first[r])
+                batch += (doc_numbers(first),)
+            out.append(batch)
         return out
 
     def state_dict(self):

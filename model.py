@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from documents import Documents, doc_attention
+
 
 @dataclass
 class GPTConfig:
@@ -189,8 +191,9 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd)
         self.cfg = cfg
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        # mask: optional (B, T, T) bool, True where query i may see key j (packed documents, eval.py's packed choices).
+    def forward(self, x, cos, sin, mask=None, cache=None, docs=None):
+        # mask: optional (B, T, T) bool, True where query i may see key j (eval.py's packed choices, which share a
+        # context). docs: Documents, rows packed with several documents, causal within each (no (T, T) tensor).
         # cache: generation's KV cache of this layer (engine.py). It stores the new keys and values and returns all
         # those the queries see, with their mask ((B, T, L) bool, or None for plain causal attention from position 0).
         B, T, C = x.size()
@@ -204,8 +207,13 @@ class Attention(nn.Module):
             qk = apply_rope(qk, cos, sin)
         q, k = qk.split([H, Hkv], dim=2)  # (B, T, heads, D)
 
+        if docs is not None and (mask is not None or cache is not None):
+            raise ValueError("Attention: docs is for training's packed rows; it takes no mask or cache")
         if cache is None and mask is None and _use_kernel(self.cfg.triton_attention, x):
-            y = triton_kernels().flash_attention(q, k, v, causal=True)  # (B, T, H, D), GQA inside the kernel
+            # (B, T, H, D), GQA inside the kernel; with docs, causal within each document, skipping the tiles between
+            y = triton_kernels().flash_attention(q, k, v, causal=True, docs=None if docs is None else (docs.start, docs.end))
+        elif docs is not None:
+            y = doc_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), docs).transpose(1, 2)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
             if cache is not None:
@@ -254,8 +262,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.triton_rmsnorm)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask=None, cache=None, docs=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, docs)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -319,12 +327,14 @@ class GPT(nn.Module):
             n -= self.tok_embeddings.weight.numel()
         return n
 
-    def hidden_states(self, idx, positions=None, mask=None, cache=None):
-        # idx (B, T) -> final-normed hidden states (B, T, C). positions (B, T): each token's position when it is not
-        # its index in the row: several sequences packed in one row (positions restart per sequence, and mask
-        # (B, T, T) says which keys each query sees), or generation's rows at their own offsets in the KV cache
-        # (cache: engine.KVCache, which knows them too).
+    def hidden_states(self, idx, positions=None, mask=None, cache=None, docs=None):
+        # idx (B, T) -> final-normed hidden states (B, T, C). docs (B, T): the document number of each token, for rows
+        # packed with several documents (a run of equal numbers is one document; or a Documents): attention is then
+        # causal within each. positions (B, T): each token's position when it is not its index in the row: packed documents (SFT's
+        # restart per document: Documents.positions), a mask's packed choices (mask (B, T, T) says which keys each
+        # query sees), or generation's rows at their own offsets in the KV cache (cache: engine.KVCache).
         B, T = idx.size()
+        docs = docs if docs is None or isinstance(docs, Documents) else Documents(docs)
         if positions is not None:
             if int(positions.max()) >= self.config.block_size:  # CPU-GPU sync
                 raise ValueError(f"position {int(positions.max())} exceeds block_size={self.config.block_size}")
@@ -337,17 +347,17 @@ class GPT(nn.Module):
         x = self.tok_embeddings(idx)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, docs, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i))
+                x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i), docs)
         return self.norm(x)
 
-    def forward(self, idx, targets=None, positions=None, mask=None, reduction="mean"):
+    def forward(self, idx, targets=None, positions=None, mask=None, reduction="mean", docs=None):
         # -> (logits (B, T, vocab), the cross-entropy of targets != -100); logits are None with fused_head and targets.
         # reduction "mean" (over the targets), "sum" (0 with no target: post-training divides by the global batch's
         # count), or "rows": the summed log-probability of each row's targets (B,) (DPO), with the head applied to the
-        # target positions only. positions / mask: packed sequences (hidden_states).
-        h = self.hidden_states(idx, positions=positions, mask=mask)  # (B, T, C)
+        # target positions only. positions / mask / docs: packed sequences (hidden_states).
+        h = self.hidden_states(idx, positions=positions, mask=mask, docs=docs)  # (B, T, C)
         if targets is not None and reduction == "rows":
             sel = targets != -100
             logp = F.log_softmax(self.output(h[sel]).float(), dim=-1)  # (targets, vocab)
@@ -503,13 +513,6 @@ def fused_cross_entropy(h, w, targets, chunk: Optional[int] = None, reduction: s
 PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12),
               ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
               ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
-
-
-def document_mask(doc):
-    # doc (B, T) conversation numbers of packed rows (-1: padding) -> (B, T, T) causal attention within each one
-    T = doc.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
-    return causal & (doc[:, :, None] == doc[:, None, :])
 
 
 def peak_flops(device_name: str) -> Optional[float]:

@@ -1,18 +1,22 @@
 """
 What differs between training objectives, one unit each; train.py is the loop around them and never asks which one.
 
-    pretrain            next-token loss over every token of data.MixtureLoader's staged mixture
+    pretrain            next-token loss over every token of data.MixtureLoader's staged mixture; doc_masking: attention
+                        within each document of a window (doc_positions: positions per document too)
     sft                 chat data (chat.SFTLoader): conversations packed into rows, attention and positions per
                         conversation, the loss on assistant tokens as the mean over the global batch's trained tokens
     dpo, apo_zero, ipo  preference pairs (chat.PairLoader) against a frozen reference model, TRL's loss types:
                         DPO's sigmoid, APO-zero (SmolLM3's), IPO
 
-An objective is built from the run (Run: the config, the ranks, the device) and gives train.py:
+An objective checks the config before anything runs (config_error(cfg): a message or None), is built from the run
+(Run: the config, the ranks, the device) and gives train.py:
     loader(max_steps)             its data loader: next_batch(), stages, state_dict(); val_batches() for validate
     accum_steps(T, B)             micro steps per optimizer step at a stage's shape
     describe(accum, max_steps)    the run's size, for the log
     setup(model, tok, ckpt, ...)  once the model exists (before it is wrapped): the preference reference's pass
     begin_step(batches)           the micro-batches of one optimizer step, before the first backward
+    inputs(batch)                 -> (x, y, the model's other arguments): positions, documents (pretrain, sft)
+    probe_doc_len()               the mean document length a time_budget probe packs its rows with (0: none)
     loss(model, batch)            -> (the micro step's loss to backward, its statistics to sum over the step or None)
     step_log(stats)               numbers for the step's log line from the summed statistics
     validate(model)               -> ({source: (val loss, val bits per byte)}, {other numbers})
@@ -33,7 +37,7 @@ import chat
 import corpus
 import data
 from checkpoint import open_model
-from model import document_mask
+from documents import Documents
 
 
 @dataclass
@@ -59,6 +63,24 @@ class Objective:
 
     def __init__(self, run: Run):
         self.run, self.cfg = run, run.cfg
+
+    @classmethod
+    def config_error(cls, c):
+        # what in the config this objective cannot run with, or None; here post-training's (Pretrain has its own)
+        name = c["objective"]
+        if c["stages"] is not None or c["data_prepare"] not in ("", "auto", "chat_demo"):
+            return f"objective={name!r} reads one chat directory (prepare.py --chat): stages and data_prepare are for pretraining"
+        if c["epochs"] < 0:
+            return f"epochs={c['epochs']}: a run's length in passes over the data, >= 0"
+        if c["doc_masking"] or c["doc_positions"]:
+            return (f"doc_masking and doc_positions are pretraining's switches; objective={name!r} "
+                    f"{'always attends within each conversation' if name == 'sft' else 'reads unpacked pairs'}")
+        if cls.needs_weights and c["init_from"] == "scratch":
+            return f"objective={name!r} starts from a trained (SFT) model: set init_from"
+        return None
+
+    def probe_doc_len(self):
+        return 0
 
     def data_preset(self):
         # (prepare.py preset, directory to build it in) for data_prepare, or None
@@ -100,6 +122,25 @@ class Objective:
 
 
 class Pretrain(Objective):
+    @classmethod
+    def config_error(cls, c):
+        if c["epochs"]:
+            return f"epochs={c['epochs']}: a run's length in passes over sft or preference data; pretraining's is max_steps"
+        if c["doc_positions"] and not c["doc_masking"]:
+            return ("doc_positions=True restarts positions at each document, which needs attention within documents "
+                    "too: set doc_masking=True")
+        return None
+
+    def probe_doc_len(self):
+        # with doc_masking, the data's mean document length (the time the attention takes depends on it)
+        if not self.cfg["doc_masking"]:
+            return 0
+        try:
+            metas = data.check_data_dir(self.cfg["data_dir"]).values()
+        except data.DataError:
+            return 0  # the loader, built next, says what is wrong
+        return sum(m["n_tokens"] for m in metas) / max(1, sum(m["n_docs"] for m in metas))
+
     def data_preset(self):
         # "auto": a quickstart corpus when data_dir is its directory, so `python train.py` runs offline
         if self.cfg["data_prepare"] == "auto":
@@ -116,16 +157,24 @@ class Pretrain(Objective):
                                   for s in c["stages"]]
         self.loader_ = data.MixtureLoader(c["data_dir"], block_size=c["block_size"], batch_size=c["micro_batch_size"],
                                           rank=self.run.rank, world_size=self.run.world_size, seed=c["seed"],
-                                          stages=stages)
+                                          stages=stages, doc_ids=c["doc_masking"])
         return self.loader_
 
+    def inputs(self, batch):
+        # (x, y) or, with doc_masking, (x, y, document numbers)
+        batch = [t.to(self.run.device, non_blocking=True) for t in batch]
+        if len(batch) == 2:
+            return batch[0], batch[1], {}
+        docs = Documents(batch[2])
+        return batch[0], batch[1], dict(docs=docs, positions=docs.positions() if self.cfg["doc_positions"] else None)
+
     def loss(self, model, batch):
-        x, y = (t.to(self.run.device, non_blocking=True) for t in batch)
-        _, loss = model(x, y)
+        x, y, kw = self.inputs(batch)
+        _, loss = model(x, y, **kw)
         return loss / self.n_micro, None  # the gradient of the mean over the whole global batch
 
     def validate(self, model):
-        return likelihoods(self.run, model, self.val, self.token_bytes, token_mean=False), {}
+        return likelihoods(self.run, model, self.val, self.inputs, self.token_bytes, token_mean=False), {}
 
 
 class SFT(Objective):
@@ -146,32 +195,35 @@ class SFT(Objective):
         n = torch.tensor(float(sum(int((b[1] != -100).sum()) for b in batches)), device=self.run.device)
         self.n_trained = _sum_ranks(self.run, n).clamp(min=1)
 
-    def loss(self, model, batch):
+    def inputs(self, batch):
+        # packed conversations: positions restart and attention stays within each (chat.SFTLoader)
         x, y, pos, doc = (t.to(self.run.device) for t in batch)
-        _, loss = model(x, y, pos, document_mask(doc), reduction="sum")
+        return x, y, dict(positions=pos, docs=doc)
+
+    def loss(self, model, batch):
+        x, y, kw = self.inputs(batch)
+        _, loss = model(x, y, reduction="sum", **kw)
         return loss * self.run.world_size / self.n_trained, None
 
     def validate(self, model):
-        return likelihoods(self.run, model, self.val, self.token_bytes, token_mean=True), {}
+        return likelihoods(self.run, model, self.val, self.inputs, self.token_bytes, token_mean=True), {}
 
 
 @torch.no_grad()
-def likelihoods(run, model, val, token_bytes, token_mean):
+def likelihoods(run, model, val, inputs, token_bytes, token_mean):
     # per source, over its fixed validation batches (each rank holds its own, disjoint share): {source: (mean loss in
     # nats per token, bits per byte)}. Bits per byte = the summed loss / ln 2 / the UTF-8 bytes the targets stand for:
     # it does not depend on the tokenizer, so runs with different tokenizers compare. token_mean: the mean over the
-    # trained tokens of all batches (sft), else the mean of the batches' means (equal-sized batches). Packed rows
-    # (positions, conversation numbers) attend within each conversation.
+    # trained tokens of all batches (sft), else the mean of the batches' means (equal-sized batches). inputs: the
+    # objective's, a batch -> (x, y, the model's other arguments).
     model.eval()
     out = {}
     for src, batches in val.items():
         tot = torch.zeros(5, dtype=torch.float64, device=run.device)  # (sum of batch means, batches, nats, targets, bytes)
         for batch in batches:
-            batch = [t.to(run.device) for t in batch]
-            x, y = batch[0], batch[1]
-            pos, mask = (batch[2], document_mask(batch[3])) if len(batch) == 4 else (None, None)
+            x, y, kw = inputs(batch)
             with run.autocast:
-                _, nats = model(x, y, pos, mask, reduction="sum")
+                _, nats = model(x, y, reduction="sum", **kw)
             nats, n = nats.double(), (y != -100).sum().double()
             tot += torch.stack([nats / n.clamp(min=1), torch.ones_like(n), nats, n,
                                 token_bytes[y.clamp(min=0)][y != -100].sum().double()])

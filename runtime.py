@@ -94,22 +94,25 @@ class Runtime:
         dist.all_gather_object(out, obj)
         return out
 
-    def steps_in(self, seconds, model, B, T, accum, clip=1.0):
+    def steps_in(self, seconds, model, B, T, accum, clip=1.0, doc_len=0):
         # -> (how many optimizer steps of this shape fit in `seconds` here, the seconds of one): six steps of a copy of
         # the model on random tokens (forward, backward, clip, AdamW), the first two a warmup (allocations, kernel
         # set-up), the median of the others. The model, its RNG streams and the data are untouched; every rank takes
-        # the slowest rank's time.
+        # the slowest rank's time. doc_len > 0: attention within documents of that many tokens (doc_masking).
         import copy
         probe = copy.deepcopy(model)
         opt = probe.configure_optimizers(0.0, 1e-6, device_type=self.device_type)
         x = torch.randint(0, model.config.vocab_size, (B, T + 1), device=self.device,
                           generator=torch.Generator(device=self.device).manual_seed(0))
+        docs = None
+        if doc_len:
+            docs = (torch.arange(T, device=self.device) // max(1, round(doc_len))).expand(B, T)
         times = []
         for _ in range(6):
             t0 = time.perf_counter()
             for _ in range(accum):
                 with self.autocast():
-                    loss = probe(x[:, :-1], x[:, 1:])[1]
+                    loss = probe(x[:, :-1], x[:, 1:], docs=docs)[1]
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(probe.parameters(), clip or float("inf"))
             opt.step()

@@ -241,6 +241,33 @@ def test_val_batches_fixed_and_rank_disjoint(tmp_path):
         r0.val_batches("nope", 1)
 
 
+def test_document_numbers_follow_the_index(tmp_path):
+    # doc_ids=True adds each token's document number, from the .idx files: a new number exactly where a document of
+    # the token file starts (the synthetic token names its file offset), across chunk edges and epochs (small chunks,
+    # 2.5 epochs of source a), in validation batches too; the tokens are those of the loader without it
+    d = make_dir(tmp_path, {"a": 3000, "b": 20000}, val_tokens=5000)
+    kw = dict(block_size=40, batch_size=6, stages=[{"start": 0, "weights": {"a": 0.5, "b": 0.5}}], chunk_tokens=256)
+    plain, docs = data.MixtureLoader(d, **kw), data.MixtureLoader(d, doc_ids=True, **kw)
+    starts = {n: {s: set(data.open_tokens(os.path.join(d, n, f"{s}.idx"))[:-1].tolist()) for s in ("train", "val")}
+              for n in ("a", "b")}
+
+    def check(x, doc, split):
+        assert doc.dtype == torch.int32 and (doc[:, 0] == 0).all()
+        for row, ids in zip(x.numpy(), doc.numpy()):
+            name = "ab"[row[0] // R]
+            begins = [t for t in range(1, len(row)) if int(row[t]) - "ab".index(name) * R in starts[name][split]]
+            assert np.flatnonzero(np.diff(ids)).tolist() == [t - 1 for t in begins] and np.diff(ids).max() <= 1
+    crossed = 0
+    while docs.epochs()["a"] < 2.5:
+        (x, y), (x2, y2, doc) = plain.next_batch(), docs.next_batch()
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+        check(x2, doc, "train")
+        crossed += int((np.diff(x2.numpy() % R, axis=1) != 1).any())  # a window across a chunk edge
+    assert crossed > 0
+    for x, y, doc in docs.val_batches("b", 3):
+        check(x, doc, "val")
+
+
 def test_stage_errors(tmp_path):
     d = make_dir(tmp_path, {"a": 20000, "b": 20000})
     with pytest.raises(data.DataError, match=r"unknown source.*\['a', 'b'\]"):

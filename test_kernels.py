@@ -194,6 +194,93 @@ def test_attention_noncausal_and_kv_longer(Tq, Tk, causal):
         torch.testing.assert_close(a, b, **FP32)
 
 
+def doc_bounds(rows):
+    # rows: each row's document lengths -> (start, end) (B, T) int32, the kernel's docs argument
+    B, T = len(rows), sum(rows[0])
+    start, end = torch.zeros(B, T, dtype=torch.int32), torch.zeros(B, T, dtype=torch.int32)
+    for b, lengths in enumerate(rows):
+        a = 0
+        for n in lengths:
+            start[b, a:a + n], end[b, a:a + n] = a, a + n
+            a += n
+    return start.to(DEV), end.to(DEV)
+
+
+def doc_attention_ref(q, k, v, rows, **kw):
+    # each document on its own through attention_ref (causal), written back into its place
+    out = torch.zeros_like(q, dtype=torch.float32 if kw.get("upcast", True) else q.dtype)
+    for b, lengths in enumerate(rows):
+        a = 0
+        for n in lengths:
+            out[b:b + 1, a:a + n] = attention_ref(q[b:b + 1, a:a + n], k[b:b + 1, a:a + n], v[b:b + 1, a:a + n], **kw)
+            a += n
+    return out
+
+
+# documents of length 1, documents across tile edges (the interpreter's tiles are 16 and 32 rows), one document per
+# row, many tiny documents, and a tail shorter than a tile
+DOC_ROWS = {
+    "ones_and_crossing": [[1, 1, 5, 30, 1, 20, 3], [61], [1] * 61],
+    "one_document": [[64], [64]],
+    "tiny": [[2, 1, 3] * 11 + [1]],
+    "edges": [[16, 16, 32, 1, 15], [31, 2, 31, 16]],
+}
+
+
+@pytest.mark.parametrize("name", list(DOC_ROWS))
+@pytest.mark.parametrize("H,Hkv,D", [(4, 2, 16), (3, 1, 32), (2, 2, 64)])
+def test_attention_documents_fp32(name, H, Hkv, D):
+    rows = DOC_ROWS[name]
+    B, T = len(rows), sum(rows[0])
+    q, k, v = leaf(B, T, H, D), leaf(B, T, Hkv, D), leaf(B, T, Hkv, D)
+    do = torch.randn(B, T, H, D, device=DEV)
+    with triton_only("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
+        o = kernels.flash_attention(q, k, v, docs=doc_bounds(rows))
+        g = grads(o, (q, k, v), do)
+    o_ref = doc_attention_ref(q, k, v, rows)
+    g_ref = grads(o_ref, (q, k, v), do)
+    torch.testing.assert_close(o, o_ref, **FP32)
+    for name, a, b in zip("qkv", g, g_ref):
+        torch.testing.assert_close(a, b, **FP32, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("poisoned", ["first", "second"])
+def test_attention_documents_skip_other_documents_tiles(poisoned):
+    # one document's tensors are NaN: the other's outputs and gradients stay exact, so no tile of the poisoned one was
+    # read for them (a masked tile would still multiply NaN by 0). NaN keys and values of the first document test the
+    # forward and dQ (query blocks start at their document); NaN queries and output gradients of the second, dK/dV
+    # (key blocks stop at their document's end). Both documents are whole tiles of the interpreter's 16/32-row blocks.
+    B, T, H, Hkv, D = 1, 64, 2, 1, 16
+    q, k, v = leaf(B, T, H, D), leaf(B, T, Hkv, D), leaf(B, T, Hkv, D)
+    do = torch.randn(B, T, H, D, device=DEV)
+    bad, good = (slice(0, 32), slice(32, 64)) if poisoned == "first" else (slice(32, 64), slice(0, 32))
+    with torch.no_grad():
+        for t in (k, v) if poisoned == "first" else (q, do):
+            t[:, bad] = float("nan")
+    o = kernels.flash_attention(q, k, v, docs=doc_bounds([[32, 32]]))
+    g = grads(o, (q, k, v), do)
+    o_ref = attention_ref(q[:, good], k[:, good], v[:, good])
+    g_ref = grads(o_ref, (q, k, v), do[:, good])
+    torch.testing.assert_close(o[:, good], o_ref, **FP32)
+    assert o[:, bad].isnan().all()
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a[:, good], b[:, good], **FP32)
+
+
+def test_attention_documents_fp16_flash_rule():
+    rows = DOC_ROWS["ones_and_crossing"]
+    B, T, H, Hkv, D = len(rows), sum(rows[0]), 4, 2, 64
+    q, k, v = (leaf(*s, dtype=torch.float16) for s in [(B, T, H, D), (B, T, Hkv, D), (B, T, Hkv, D)])
+    do = torch.randn(B, T, H, D, device=DEV).half()
+    o = kernels.flash_attention(q, k, v, docs=doc_bounds(rows))
+    g = grads(o, (q, k, v), do)
+    o_ref, o_lp = doc_attention_ref(q, k, v, rows), doc_attention_ref(q, k, v, rows, upcast=False)
+    g_ref, g_lp = grads(o_ref, (q, k, v), do.float()), grads(o_lp, (q, k, v), do)
+    assert_flash_rule("o", o, o_lp, o_ref, 2.0)
+    for name, a, lp, ref in zip("qkv", g, g_lp, g_ref):
+        assert_flash_rule("d" + name, a, lp, ref, 3.0)
+
+
 def test_attention_fused_qkv_view_and_expanded_grad():
     # q, k, v as strided views of one projection, and the stride-0 upstream grad of o.sum()
     B, T, H, Hkv, D = 2, 23, 4, 2, 64
@@ -271,6 +358,11 @@ def test_errors_are_clear():
         kernels.flash_attention(q, q[:, :2], q[:, :2])
     with pytest.raises(TypeError, match="one dtype"):
         kernels.flash_attention(q, q.half(), q.half())
+    start, end = doc_bounds([[2, 2]])
+    with pytest.raises(ValueError, match="docs need causal attention"):
+        kernels.flash_attention(q, q, q, causal=False, docs=(start, end))
+    with pytest.raises(ValueError, match=r"docs must be \(start, end\), each \(1, 4\) int32"):
+        kernels.flash_attention(q, q, q, docs=(start.long(), end.long()))
 
 
 def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
@@ -364,7 +456,9 @@ def _tiny_model_config(**kw):
     return GPTConfig(**cfg)
 
 
-def test_tiny_model_kernels_on_equals_off():
+@pytest.mark.parametrize("packed", [False, True])
+def test_tiny_model_kernels_on_equals_off(packed):
+    # packed: rows of several documents, the kernel's docs variant against documents.py's PyTorch doc_attention
     from model import GPT
     on = {"triton_rmsnorm": True, "triton_rope": True, "triton_attention": True}
     off = {k: False for k in on}
@@ -375,12 +469,13 @@ def test_tiny_model_kernels_on_equals_off():
     idx = torch.randint(0, 97, (2, 19), device=DEV)
     tgt = torch.randint(0, 97, (2, 19), device=DEV)
     tgt[0, :3] = -100
-    logits_off, loss_off = m_off(idx, tgt)
+    docs = torch.tensor([[0] * 5 + [1] * 14, [0] + [1] * 16 + [2, 3]], device=DEV) if packed else None
+    logits_off, loss_off = m_off(idx, tgt, docs=docs)
     loss_off.backward()
     with triton_only("rms_norm_fwd", "rms_norm_bwd", "rope_fwd", "rope_bwd", "attention_fwd", "attention_bwd_dkdv",
                      "attention_bwd_dq"):
         # model.py's own PyTorch paths would run torch.rsqrt / SDPA / torch.cat: patched to raise in here
-        logits_on, loss_on = m_on(idx, tgt)
+        logits_on, loss_on = m_on(idx, tgt, docs=docs)
         loss_on.backward()
     torch.testing.assert_close(logits_on, logits_off, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss_on, loss_off, atol=1e-6, rtol=1e-6)
@@ -389,7 +484,8 @@ def test_tiny_model_kernels_on_equals_off():
         torch.testing.assert_close(p.grad, p_off[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_tiny_model_compile_fullgraph_traces_kernels():
+@pytest.mark.parametrize("packed", [False, True])
+def test_tiny_model_compile_fullgraph_traces_kernels(packed):
     # Dynamo half of torch.compile(fullgraph=True) on CPU: model.py and the kernels' Python wrappers trace without a
     # graph break, and the ops (shape-propagated with fake tensors) run as Triton kernels in the compiled graph. The
     # Inductor half (which traces into the kernels) needs a GPU: test_gpu_compile_fullgraph.
@@ -397,13 +493,14 @@ def test_tiny_model_compile_fullgraph_traces_kernels():
     torch._dynamo.reset()
     m = GPT(_tiny_model_config(triton_rmsnorm=True, triton_rope=True, triton_attention=True)).to(DEV)
     idx = torch.randint(0, 97, (1, 17), device=DEV)
+    docs = torch.tensor([[0] * 9 + [1] * 8], device=DEV) if packed else None  # the document bounds trace too
     compiled = torch.compile(m, backend="eager", fullgraph=True)
     with triton_only("rms_norm_fwd", "rms_norm_bwd", "rope_fwd", "rope_bwd", "attention_fwd", "attention_bwd_dq"):
-        logits_c, loss_c = compiled(idx, idx)
+        logits_c, loss_c = compiled(idx, idx, docs=docs)
         loss_c.backward()
     g_c = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
-    logits, loss = m(idx, idx)
+    logits, loss = m(idx, idx, docs=docs)
     loss.backward()
     torch.testing.assert_close(logits_c, logits, atol=0, rtol=0)
     for n, p in m.named_parameters():

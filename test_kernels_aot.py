@@ -42,6 +42,10 @@ def test_every_kernel_compiles_for_h100_and_a100_in_bf16_and_fp32(aot):
     # the presets' head_dim 64 and 128 both reached the attention kernels, and every preset reached rope and rmsnorm
     configs = {r["config"] for r in results if r["kernel"] == "attn_fwd"}
     assert any("HEAD_DIM=64 " in c for c in configs) and any("HEAD_DIM=128 " in c for c in configs)
+    # the packed-documents variant of each attention kernel (SFT, doc_masking), beside the plain causal one
+    docs = {(r["target"], r["kernel"], r["dtype"], "DOC=True" in r["config"]) for r in results}
+    assert {(t, k, d, doc) for t in ("sm_90", "sm_80") for k in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")
+            for d in ("bf16", "fp32") for doc in (False, True)} <= docs
     used = {name for r in results for name in r["used_by"].split(",")}
     assert used == {"smol135m", "smol360m", "smol1.7b", "d128"}
 

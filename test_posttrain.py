@@ -15,7 +15,7 @@ import torch
 import chat
 import prepare
 from checkpoint import open_model, smollm2_gguf_path
-from model import GPT, GPTConfig, document_mask
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -103,7 +103,7 @@ def test_packed_loss_equals_conversations_one_by_one(demo):
         m = tiny()
         m.config.fused_head = fused
         with torch.no_grad():
-            packed = m(x, y, pos, document_mask(doc), reduction="sum")[1].item()
+            packed = m(x, y, pos, reduction="sum", docs=doc)[1].item()
             alone = 0.0
             for b in range(x.shape[0]):
                 for k in range(int(doc[b].max()) + 1):
@@ -144,7 +144,7 @@ def test_sft_loss_equals_transformers(demo):
     x, y, pos, doc = loader.next_batch()
     m = open_model(GGUF).model
     with torch.no_grad():
-        loss = m(x, y, pos, document_mask(doc), reduction="sum")[1].item() / int((y != -100).sum())
+        loss = m(x, y, pos, reduction="sum", docs=doc)[1].item() / int((y != -100).sum())
     assert int((y != -100).sum()) == ref["tokens"]
     assert loss == pytest.approx(ref["loss"], abs=5e-5)
 

@@ -362,6 +362,28 @@ def test_a_time_budget_fixes_max_steps_once_and_stages_follow_it(tiny_config, tm
     assert [(r["step"], r["loss"]) for r in records(again) if "loss" in r] == [(r["step"], r["loss"]) for r in train][6:]
 
 
+def test_doc_masking_trains_within_documents_and_resumes_bitwise(base_run, tiny_config, tiny_data, tmp_path):
+    # doc_masking: attention (and with doc_positions, positions) per document of each window, from the token files'
+    # index; a resume from a checkpoint continues it bit for bit, validation included
+    out = str(tmp_path / "docs")
+    args = [tiny_config, "--doc_masking=True", "--doc_positions=True", "--max_steps=16", "--keep_checkpoints=10",
+            "--sample_prompt=", "--eval_tasks=[]"]
+    run(args + [f"--out_dir={out}"])
+    losses = train_losses(out)
+    # step 0: the base run's weights and batch, whose windows hold several documents, so attention differs
+    loader = data.MixtureLoader(tiny_data, 32, 4, stages=[{"start": 0, "weights": {"code": 0.5, "prose": 0.5}}],
+                                doc_ids=True)
+    assert any(int(loader.next_batch()[2].max()) > 0 for _ in range(2))
+    assert losses[0] != train_losses(base_run[0])[0]
+    again = str(tmp_path / "again")
+    os.makedirs(again)
+    shutil.copy(os.path.join(out, "ckpt_8.pt"), again)
+    run(args + [f"--out_dir={again}", "--init_from=resume"])
+    assert [(k, v) for k, v in train_losses(again).items()] == [(k, v) for k, v in losses.items() if k >= 8]
+    vals = lambda d: [(r["step"], r["val_loss"], r.get("swa_val_loss")) for r in records(d) if "val_loss" in r]
+    assert vals(again) == [v for v in vals(out) if v[0] > 8]  # the eval at step 8 was done before the checkpoint
+
+
 @pytest.mark.slow
 def test_cooldown_branch_equals_the_shorter_run(base_run, tiny_config, tmp_path):
     # the base run's step-8 checkpoint lies in its stable phase (warmup to 3, decay from 12). A branch from it that
@@ -500,6 +522,8 @@ def test_no_config_defaults_are_consistent(tiny_data, tmp_path):
     (["--max_steps"], "--key=value"),
     (["--max_steps=1000"], "warmup_steps=2000 does not fit max_steps=1000: its decay starts at step 800"),
     (["--max_steps=100", "--schedule=cosine", "--warmup_steps=101"], "warmup_steps=101 does not fit max_steps=100: it ends"),
+    (["--doc_positions=True"], "doc_positions=True restarts positions at each document, which needs attention"),
+    (["--objective=sft", "--doc_masking=True"], "objective='sft' always attends within each conversation"),
 ])
 def test_bad_keys_and_types(args, message, tmp_path):
     p = run(args + [f"--out_dir={tmp_path / 'out'}"], check=False)

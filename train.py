@@ -68,6 +68,9 @@ stages = None                 # data.MixtureLoader stages (a stage may add block
 total_batch_tokens = 1048576  # global batch per optimizer step, in tokens (512 x 2048 for 135M)
 micro_batch_size = 16         # sequences per GPU per forward/backward
 block_size = 2048             # context length (a stage may change it)
+doc_masking = False           # pretraining: attention within each document of a window, not across <|endoftext|> (SmolLM3,
+                              # torchtitan); SmolLM2 attended across them. sft is always document-masked
+doc_positions = False         # pretraining with doc_masking: positions restart at each document too (as sft's)
 seed = 1337                   # weights and data order; the same on every rank (each rank reads its own rows)
 # model
 model = "smol135m"            # a key of model.PRESETS
@@ -121,14 +124,8 @@ require(config, dict(schedule=("wsd", "cosine"), decay_shape=("linear", "1-sqrt"
                      **{k: (None, True, False) for k in ("triton_rmsnorm", "triton_rope", "triton_attention")}),
         positive=("max_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints", "log_interval",
                   "micro_batch_size", "block_size", "total_batch_tokens", "swa_window", "max_nonfinite_steps"))
-if objective != "pretrain" and (stages is not None or data_prepare not in ("", "auto", "chat_demo")):
-    raise SystemExit(f"config error: objective={objective!r} reads one chat directory (prepare.py --chat): stages and "
-                     f"data_prepare are for pretraining")
-if epochs < 0 or (objective == "pretrain" and epochs):
-    raise SystemExit(f"config error: epochs={epochs}: a run's length in passes over sft or preference data (>= 0); "
-                     f"pretraining's length is max_steps")
-if OBJECTIVES[objective].needs_weights and init_from == "scratch":
-    raise SystemExit(f"config error: objective={objective!r} starts from a trained (SFT) model: set init_from")
+if OBJECTIVES[objective].config_error(config):
+    raise SystemExit(f"config error: {OBJECTIVES[objective].config_error(config)}")
 if not 0 <= decay_frac <= 1:
     raise SystemExit(f"config error: decay_frac must be in [0, 1], got {decay_frac}")
 if stages is not None and not (stages and all(isinstance(s, dict) and "weights" in s for s in stages)):
@@ -297,7 +294,8 @@ print0(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(non
        f"embedding), {asdict(raw_model.config)}")
 T0, B0 = ((stages or [{}])[0].get(k, v) for k, v in (("block_size", block_size), ("batch_size", micro_batch_size)))
 if time_budget > 0 and ckpt is None:  # the run's length from this machine's speed: the same time on every machine
-    max_steps, step_s = rt.steps_in(time_budget, raw_model, B0, T0, obj.accum_steps(T0, B0), grad_clip)
+    max_steps, step_s = rt.steps_in(time_budget, raw_model, B0, T0, obj.accum_steps(T0, B0), grad_clip,
+                                    obj.probe_doc_len())
     config["max_steps"] = max_steps
     print0(f"time_budget={time_budget:g} s: a step takes {1000 * step_s:.0f} ms here -> max_steps={max_steps}")
 

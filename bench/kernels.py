@@ -206,6 +206,20 @@ def sdpa(backend):
     return run
 
 
+def attention_inputs(H, Hkv, T):
+    # bf16 q, k, v (B, T, heads, 64) leaves and an output gradient, B rows of T tokens (TOKENS in all)
+    B = max(1, TOKENS // T)
+    q, k, v = (torch.randn(B, T, h, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True) for h in (H, Hkv, Hkv))
+    return B, q, k, v, torch.randn_like(q)
+
+
+def timed(f, args, g, mode, ours=False):
+    # ms of f(*args) ("fwd") or of it and its backward from g ("fwd+bwd")
+    if mode == "fwd":
+        return bench(lambda: f(*args), ours=ours)
+    return bench(fwd_bwd(f, args, g), grad_to_none=list(args), ours=ours)
+
+
 def attention_flops(B, H, T, D, mode):
     fwd = 4 * B * H * T * T * D / 2  # two matmuls of 2*T*T*D FLOPs each, half of them under the causal mask
     return fwd if mode == "fwd" else 3.5 * fwd  # backward = 2.5x forward (5 matmuls vs 2)
@@ -219,18 +233,9 @@ def bench_attention():
          "SDPA math ms (x)"])
     row(["---"] * 8)
     expanded = set()
-
-    def timed(f, args, g, mode, ours=False):
-        if mode == "fwd":
-            return bench(lambda: f(*args), ours=ours)
-        return bench(fwd_bwd(f, args, g), grad_to_none=list(args), ours=ours)
     for H, Hkv in ((9, 3), (15, 5), (32, 32)):
         for T in SEQ_LENS:
-            B = max(1, TOKENS // T)
-            q = torch.randn(B, T, H, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-            k = torch.randn(B, T, Hkv, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-            v = torch.randn(B, T, Hkv, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-            do = torch.randn_like(q)
+            B, q, k, v, do = attention_inputs(H, Hkv, T)
             qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
             dot = do.transpose(1, 2).contiguous()
             impls = [(kernels.flash_attention, (q, k, v), do), (sdpa("FLASH_ATTENTION"), (qt, kt, vt), dot),
@@ -257,6 +262,45 @@ def bench_attention():
               "expanded beforehand, for the GQA shapes)")
 
 
+def bench_attention_docs():
+    # packed documents: the docs variant against the plain causal kernel on the same tokens (one document per row: the
+    # variant's overhead, to stay >= 0.9x; SFT-like documents: the tiles it skips), and FlashAttention-2's varlen
+    # function where flash-attn is installed (the anchor; kv heads expanded if it lacks GQA: it has it)
+    from bench.packed import packed_ids
+    from documents import Documents
+    from model import triton_kernels
+    kernels = triton_kernels()
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:
+        flash_attn_varlen_func = None
+    print("\n### Attention within packed documents (bf16, head_dim 64)\n")
+    row(["heads q/kv", "B x T", "documents", "pass", "docs ms", "plain causal ms", "plain / docs",
+         "flash-attn varlen ms (x)"])
+    row(["---"] * 8)
+    for H, Hkv in ((9, 3), (32, 32)):
+        for T in SEQ_LENS:
+            B, q, k, v, do = attention_inputs(H, Hkv, T)
+            for label, ids in (("1 per row", torch.zeros(B, T, dtype=torch.long)),
+                               ("median T/8", packed_ids(B, T, max(2, T // 8)))):
+                docs = Documents(ids.to(DEV))
+                bounds = (docs.start, docs.end)
+                lens = torch.cat([torch.unique_consecutive(r, return_counts=True)[1] for r in ids])  # row by row
+                cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).int()]).to(DEV)
+                flat = [t.detach().reshape(B * T, *t.shape[2:]).requires_grad_() for t in (q, k, v)]
+                for mode in ("fwd", "fwd+bwd"):
+                    ms_docs = timed(lambda a, b, c: kernels.flash_attention(a, b, c, docs=bounds), (q, k, v), do, mode,
+                                    ours=True)
+                    ms_plain = timed(kernels.flash_attention, (q, k, v), do, mode, ours=True)
+                    ms_fa = float("nan")
+                    if flash_attn_varlen_func is not None:
+                        ms_fa = timed(lambda a, b, c: flash_attn_varlen_func(a, b, c, cu, cu, T, T, causal=True), flat,
+                                      do.reshape(B * T, H, 64), mode)
+                    row([f"{H}/{Hkv}", f"{B} x {T}", f"{label} ({len(lens)})", mode, fmt(ms_docs), fmt(ms_plain),
+                         f"{ms_plain / ms_docs:.2f}x", "not installed" if flash_attn_varlen_func is None
+                         else f"{fmt(ms_fa)} ({ms_fa / ms_docs:.2f}x)"])
+
+
 def sweep_attention():
     # Try tile configs for each attention kernel at the 135M shape (bf16, T 2048) and print the fastest: the numbers
     # to write into FWD_CONFIGS / DKDV_CONFIGS / DQ_CONFIGS in kernels/attention.py.
@@ -270,7 +314,7 @@ def sweep_attention():
     k = torch.randn(B, T, Hkv, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(B, T, Hkv, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     do = torch.randn_like(q)
-    o, lse = torch.ops.nanosmol.attention_fwd(q, k, v, True)
+    o, lse = torch.ops.nanosmol.attention_fwd(q, k, v, True, None, None)
     print(f"\n### Attention tile sweep (bf16, B {B}, T {T}, heads {H}/{Hkv}, head_dim {D})\n")
     for kind, table in (("fwd", A.FWD_CONFIGS), ("dkdv", A.DKDV_CONFIGS), ("dq", A.DQ_CONFIGS)):
         original = table[(2, 64)]
@@ -280,9 +324,9 @@ def sweep_attention():
         for bm, bn, w, s in configs[:2] if DEV == "cpu" else configs:  # dry run: the plumbing only
             table[(2, 64)] = (bm, bn, w, s)
             if kind == "fwd":
-                ms = bench(lambda: torch.ops.nanosmol.attention_fwd(q, k, v, True))
+                ms = bench(lambda: torch.ops.nanosmol.attention_fwd(q, k, v, True, None, None))
             else:  # the backward runs all three kernels; only this kind's config changes
-                ms = bench(lambda: torch.ops.nanosmol.attention_bwd(do, q, k, v, o, lse, True))
+                ms = bench(lambda: torch.ops.nanosmol.attention_bwd(do, q, k, v, o, lse, True, None, None))
             results.append((ms, (bm, bn, w, s)))
         table[(2, 64)] = original
         results = sorted(r for r in results if r[0] == r[0])
@@ -357,6 +401,7 @@ def main():
         bench_rope()
     if args.only in ("all", "attention"):
         bench_attention()
+        bench_attention_docs()
         if args.sweep:
             sweep_attention()
     if args.only in ("all", "e2e"):

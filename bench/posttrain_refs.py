@@ -30,7 +30,6 @@ import corpus  # noqa: E402
 import formats  # noqa: E402
 import prepare  # noqa: E402
 from checkpoint import open_model, smollm2_gguf_path  # noqa: E402
-from model import document_mask  # noqa: E402
 
 HF_DIR = os.path.join(ROOT, "data_cache/smollm2_135m_instruct_hf")
 
@@ -142,7 +141,7 @@ if __name__ == "__main__":
     x, y, pos, doc = loader.next_batch()
     ns = open_model(hf_path).model
     with torch.no_grad():
-        ours_sum = ns(x, y, pos, document_mask(doc), reduction="sum")[1].item()
+        ours_sum = ns(x, y, pos, reduction="sum", docs=doc)[1].item()
         n_ours = int((y != -100).sum())
     hf = AutoModelForCausalLM.from_pretrained(hf_path, torch_dtype=torch.float32).eval()
     hf_sum, n_hf = 0.0, 0

@@ -63,7 +63,7 @@ class Job:
     def config(self):
         # the tile constants (upper-case constexprs but the scale), warps and stages: what a reader tunes
         tiles = {k: v for k, v in self.named_constexprs().items()
-                 if k.isupper() and "SCALE" not in k and k != "DOT_PRECISION"}
+                 if k.isupper() and "SCALE" not in k and k != "DOT_PRECISION" and v is not None}  # None: an unused pointer
         warps, stages = self.options["num_warps"], self.options["num_stages"]
         return " ".join(f"{k}={v}" for k, v in tiles.items()) + f" w{warps} s{stages}"
 
@@ -120,11 +120,14 @@ def record(target: int, dtype: torch.dtype, shape, causals=(True, False)) -> lis
             rmsnorm.rms_norm(x, w).sum().backward()
         qkv = torch.zeros(1, SEQ, (H + 2 * Hkv) * D, dtype=dtype, requires_grad=True)
         cos = sin = torch.zeros(SEQ, D // 2)  # the model's tables are fp32 whatever the activations
-        for causal in causals:  # the model trains causal; kernels.flash_attention also offers causal=False
+        # the model trains causal, over whole windows or within packed documents (docs: SFT, doc_masking);
+        # kernels.flash_attention also offers causal=False
+        bounds = (torch.zeros(1, SEQ, dtype=torch.int32), torch.full((1, SEQ), SEQ, dtype=torch.int32))
+        for causal, docs in [(c, None) for c in causals] + [(True, bounds)] * (True in causals):
             qk = rope.apply_rope(qkv[..., :(H + Hkv) * D].view(1, SEQ, H + Hkv, D), cos, sin)
             q, k = qk.split([H, Hkv], dim=2)
             v = qkv[..., (H + Hkv) * D:].view(1, SEQ, Hkv, D)
-            attention.flash_attention(q, k, v, causal=causal).sum().backward()
+            attention.flash_attention(q, k, v, causal=causal, docs=docs).sum().backward()
     finally:
         for m, launch, check in saved:
             m.launch, m.check_device = launch, check
@@ -233,10 +236,11 @@ def table(results) -> str:
 
 
 def summary(results) -> str:
-    """One row per kernel, dtype and tile config (causal/non-causal and GROUP==1 variants folded in), both targets."""
+    """One row per kernel, dtype and tile config (causal/non-causal, documents and GROUP==1 variants folded in), both
+    targets."""
     groups = {}
     for r in results:
-        config = " ".join(w for w in r.config.split() if not w.startswith(("CAUSAL=", "GROUP=")))
+        config = " ".join(w for w in r.config.split() if not w.startswith(("CAUSAL=", "DOC=", "GROUP=")))
         g = groups.setdefault((r.kernel, r.dtype, config), {})
         t = g.setdefault(r.target, dict(n=0, smem=0, regs=0, spills=0, errors=0))
         t["n"] += 1
@@ -264,7 +268,8 @@ def main(argv=None):
     p.add_argument("--targets", default="90,80", help="compute capabilities, e.g. 90 (H100) and 80 (A100)")
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     p.add_argument("--causal", default="both", choices=["both", "true"],
-                   help="attention variants: both, or only the causal one the model trains with")
+                   help="attention variants: both, or only the causal ones the model trains with (whole rows and "
+                        "packed documents)")
     p.add_argument("--jobs", type=int, default=None, help="compiler processes (default: one per CPU)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--full", action="store_true", help="one row per compiled kernel instead of per tile config")

@@ -2,12 +2,18 @@
 # KERNELS.md's notes; no code copied. q (B, Tq, H, D), k/v (B, Tk, Hkv, D), H a multiple of Hkv (MHA, GQA, MQA),
 # scale 1/sqrt(D), causal mask aligned bottom-right (query i sees keys j <= i + Tk - Tq, as flash-attn >= 2.1; Tq == Tk
 # in training). Any sequence length (masked tails), head_dim 16/32/64/128, fp32 / fp16 / bf16 (math in fp32).
+# Packed documents (DOC): START/END (B, T) int32 give each token's document [start, end); query i sees key j when
+# start_i <= j <= i (equivalently j <= i < end_j), causal within each document, with no (T, T) mask. Documents are
+# contiguous runs, so the starts never decrease along a row: a query block's keys begin at its first row's start, and
+# key blocks wholly outside every row's document are never visited (a row of short documents costs ~ its documents'
+# triangles, not the whole causal triangle). Tiles that every row sees in full run without masks, as in plain causal.
 #   forward: online softmax in the exp2 domain; the causal loop is split into unmasked off-diagonal key blocks and
 #            masked diagonal/tail blocks; saves lse = logsumexp(scores) (B, H, Tq) fp32 (natural log).
 #   backward: Delta = rowsum(O * dO) pre-pass; dK/dV with one program per (key block, kv head) that loops over the
 #             q heads of its GQA group and their query blocks (fp32 register accumulation); dQ with one program per
 #             (query block, q head). No atomics anywhere: gradients are bitwise deterministic.
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -22,9 +28,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # powers of two that tl.dot takes; Smol
 
 # ----------------------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, Tk, OFFSET,
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, row_start, lo, hi, Tk, OFFSET,
                     QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    CAUSAL: tl.constexpr, DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi): m = running max, l = running sum of exp2(s - m), acc = sum p v.
     Unmasked blocks (MASKED=False) are fully visible to every row of the query block and lie inside [0, Tk)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -42,6 +48,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi
             keep = cols[None, :] < Tk
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None] + OFFSET)
+            if DOC:
+                keep = keep & (cols[None, :] >= row_start[:, None])
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
@@ -57,10 +65,35 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+def _key_range(START, b, pid_m, offs_m, row_ok, Tq, Tk, OFFSET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, DOC: tl.constexpr):
+    """The keys a query block visits (forward and dQ): [lo, hi), of which [full_lo, full_hi) every row sees whole
+    (full_lo <= full_hi, both multiples of BLOCK_N, inside [0, Tk)); row_start: each row's document start (DOC)."""
+    row_start = 0
+    if CAUSAL:
+        # keys [0, full_hi) are visible to every row >= pid_m * BLOCK_M (causally); [full_hi, hi) need the mask
+        full_hi = (tl.maximum(tl.minimum(pid_m * BLOCK_M + OFFSET + 1, Tk), 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M + OFFSET, Tk)
+    else:
+        full_hi = (Tk // BLOCK_N) * BLOCK_N
+        hi = Tk
+    lo = 0
+    full_lo = 0
+    if DOC:  # Tq == Tk: the first row's document start is the block's lowest, the last row's its highest
+        row_start = tl.load(START + b * Tq + offs_m, mask=row_ok, other=0)
+        first = tl.load(START + b * Tq + pid_m * BLOCK_M)
+        last = tl.load(START + b * Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1)
+        lo = (first // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(last, BLOCK_N) * BLOCK_N
+        full_hi = tl.maximum(full_hi, full_lo)  # none of it whole: an empty unmasked range
+    return lo, full_lo, full_hi, hi, row_start
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, H, GROUP, Tq, Tk,
                      QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     CAUSAL: tl.constexpr, DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """O[b, i, h] = sum_j softmax_j(q_i . k_j / sqrt(D)) v_j for one (query block, b, h); LSE[b, h, i] = logsumexp_j."""
     if CAUSAL:  # the last query blocks do the most work: schedule them first (a shorter tail of lone programs)
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -81,17 +114,17 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qt, stride_qh, stride_kb
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    if CAUSAL:
-        # keys [0, hi_full) are visible to every row >= pid_m * BLOCK_M; [hi_full, hi) need the mask
-        hi_full = (tl.maximum(tl.minimum(pid_m * BLOCK_M + OFFSET + 1, Tk), 0) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M + OFFSET, Tk)
-    else:
-        hi_full = (Tk // BLOCK_N) * BLOCK_N
-        hi = Tk
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, 0, hi_full, Tk, OFFSET,
-                                    QK_SCALE, HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, hi_full, hi, Tk, OFFSET,
-                                    QK_SCALE, HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+    lo, full_lo, full_hi, hi, row_start = _key_range(START, b, pid_m, offs_m, row_ok, Tq, Tk, OFFSET, BLOCK_M, BLOCK_N,
+                                                     CAUSAL, DOC)
+    # keys [lo, full_lo) and [full_hi, hi) need the mask, [full_lo, full_hi) are visible to every row of the block
+    if DOC:
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, row_start, lo,
+                                        tl.minimum(full_lo, hi), Tk, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_N, True, CAUSAL,
+                                        DOC, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, row_start, full_lo, full_hi,
+                                    Tk, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_N, False, CAUSAL, DOC, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, row_start, full_hi, hi, Tk,
+                                    OFFSET, QK_SCALE, HEAD_DIM, BLOCK_N, True, CAUSAL, DOC, DOT_PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key (only with causal and Tk < Tq): output 0
     o = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)  # +inf: p = 0 in bwd
@@ -119,9 +152,9 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, s
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, lo, hi, Tq, OFFSET,
-                         QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                         CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, key_end, lo, hi, Tq,
+                         OFFSET, QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """For query blocks [lo, hi) of one q head, in the transposed (keys x queries) layout:
     P^T = exp(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T * (dP^T - Delta), dK += dS^T Q (scaled later).
     Unmasked blocks lie inside [0, Tq) and see every key of this key block."""
@@ -144,6 +177,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot,
             keep = rows[None, :] < Tq
             if CAUSAL:
                 keep = keep & (offs_n[:, None] <= rows[None, :] + OFFSET)
+            if DOC:  # row i sees key j <= i while i is still in j's document
+                keep = keep & (rows[None, :] < key_end[:, None])
             s_t = tl.where(keep, s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - (lse * 1.4426950408889634)[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -154,11 +189,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot,
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, END, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt,
                           stride_kh, stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_dkb,
                           stride_dkt, stride_dkh, H, HKV, GROUP, Tq, Tk, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dK, dV for one (key block, b, kv head), summed over the GROUP q heads that share this kv head."""
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
@@ -176,15 +211,25 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qt,
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     tq_full = (Tq // BLOCK_M) * BLOCK_M
     tq_ceil = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    key_end = 0
+    # query blocks [lo, hi) see some key of this block; [full_lo, full_hi) see all of it (whole blocks inside [0, Tq))
     if CAUSAL:
-        # rows i see key j when i >= j - OFFSET: rows below lo see none of this block; rows >= mid see all of it
+        # rows i see key j when i >= j - OFFSET: rows below lo see none of this block; rows >= full_lo see all of it
         lo = (tl.maximum(start_n - OFFSET, 0) // BLOCK_M) * BLOCK_M
-        mid = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - OFFSET, 0), BLOCK_M) * BLOCK_M, tq_ceil)
-        mid = tl.maximum(mid, lo)
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - OFFSET, 0), BLOCK_M) * BLOCK_M, tq_ceil)
+        full_lo = tl.maximum(full_lo, lo)
     else:
         lo = 0
-        mid = 0
-    tail = tl.maximum(mid, tq_full)  # a partial last query block is handled with masks
+        full_lo = 0
+    full_hi = tl.maximum(full_lo, tq_full)  # a partial last query block is handled with masks
+    hi = tq_ceil
+    if DOC:  # Tq == Tk: rows past the first key's document miss a key of the block; past the last key's, all of them
+        key_end = tl.load(END + b * Tq + offs_n, mask=col_ok, other=0)
+        end_first = tl.load(END + b * Tq + start_n)
+        end_last = tl.load(END + b * Tq + tl.minimum(start_n + BLOCK_N, Tk) - 1)
+        full_lo = tl.cdiv(tl.minimum(start_n + BLOCK_N, Tk) - 1, BLOCK_M) * BLOCK_M
+        full_hi = tl.maximum((end_first // BLOCK_M) * BLOCK_M, full_lo)
+        hi = tl.cdiv(end_last, BLOCK_M) * BLOCK_M
     # Rows of padding (key j >= Tk) compute garbage that is never stored; padded queries load as 0 and add nothing.
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -192,12 +237,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qt,
         DOh = DO + b * stride_dob + h * stride_doh
         LSEh = LSE + (b * H + h) * Tq
         DELTAh = DELTA + (b * H + h) * Tq
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, lo, mid, Tq,
-                                      OFFSET, QK_SCALE, HEAD_DIM, BLOCK_M, True, CAUSAL, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, mid, tq_full,
-                                      Tq, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_M, False, CAUSAL, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, tail, tq_ceil,
-                                      Tq, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_M, True, CAUSAL, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, key_end, lo,
+                                      tl.minimum(full_lo, hi), Tq, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_M, True, CAUSAL,
+                                      DOC, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, key_end,
+                                      full_lo, full_hi, Tq, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_M, False, CAUSAL, DOC,
+                                      DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, key_end,
+                                      full_hi, hi, Tq, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_M, True, CAUSAL, DOC,
+                                      DOT_PRECISION)
     dk = dk * SM_SCALE  # S = scale * Q K^T, so dK = scale * dS^T Q
     base = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
     tl.store(DK + base, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -205,9 +253,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qt,
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_m, lo, hi, Tk, OFFSET,
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_m, row_start, lo, hi, Tk, OFFSET,
                        QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                       CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       CAUSAL: tl.constexpr, DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """For key blocks [lo, hi): P = exp(S - lse), dP = dO V^T, dS = P * (dP - Delta), dQ += dS K (scaled later)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -224,6 +272,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_
             keep = cols[None, :] < Tk
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None] + OFFSET)
+            if DOC:
+                keep = keep & (cols[None, :] >= row_start[:, None])
             s = tl.where(keep, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -233,11 +283,11 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                         stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt,
                         stride_dqh, H, GROUP, Tq, Tk, SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ for one (query block, b, q head): the same key-block walk as the forward."""
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -260,16 +310,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qt, strid
     K += b * stride_kb + hk * stride_kh
     V += b * stride_vb + hk * stride_vh
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    if CAUSAL:
-        hi_full = (tl.maximum(tl.minimum(pid_m * BLOCK_M + OFFSET + 1, Tk), 0) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M + OFFSET, Tk)
-    else:
-        hi_full = (Tk // BLOCK_N) * BLOCK_N
-        hi = Tk
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_m, 0, hi_full, Tk, OFFSET,
-                            QK_SCALE, HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_m, hi_full, hi, Tk, OFFSET,
-                            QK_SCALE, HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+    lo, full_lo, full_hi, hi, row_start = _key_range(START, b, pid_m, offs_m, row_ok, Tq, Tk, OFFSET, BLOCK_M, BLOCK_N,
+                                                     CAUSAL, DOC)
+    if DOC:
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_m, row_start, lo,
+                                tl.minimum(full_lo, hi), Tk, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_N, True, CAUSAL, DOC,
+                                DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_m, row_start, full_lo, full_hi, Tk,
+                            OFFSET, QK_SCALE, HEAD_DIM, BLOCK_N, False, CAUSAL, DOC, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_vt, offs_m, row_start, full_hi, hi, Tk,
+                            OFFSET, QK_SCALE, HEAD_DIM, BLOCK_N, True, CAUSAL, DOC, DOT_PRECISION)
     dq = dq * SM_SCALE
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -285,16 +335,21 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qt, strid
 FWD_CONFIGS = {(2, 64): (128, 64, 8, 3), (2, 128): (128, 64, 8, 3), (4, 64): (64, 32, 8, 2), (4, 128): (32, 16, 8, 1)}
 DKDV_CONFIGS = {(2, 64): (32, 128, 8, 3), (2, 128): (64, 32, 8, 2), (4, 64): (16, 32, 8, 2), (4, 128): (16, 32, 8, 1)}
 DQ_CONFIGS = {(2, 64): (128, 32, 4, 3), (2, 128): (64, 32, 4, 2), (4, 64): (64, 16, 4, 2), (4, 128): (32, 16, 8, 1)}
+# The packed-documents variant (DOC) holds more live registers (each row's document start or each key's end, a third
+# key loop): where the plain tile spills on a target it takes these instead (python kernels/aot.py, the same check).
+DOC_CONFIGS = {("fwd", 2, 128): (128, 32, 8, 3), ("dkdv", 4, 64): (16, 32, 4, 1)}
 # Under the interpreter the tiles are small (same shape ratios) so that T = 17..64 crosses several blocks, the
 # diagonal split and the masked tails: what the CPU tests are for.
 INTERPRET_CONFIGS = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
 
 
-def _config(kind, dtype, head_dim):
+def _config(kind, dtype, head_dim, docs=False):
     if INTERPRET:
         return INTERPRET_CONFIGS[kind]
-    table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind]
-    return table[(2 if dtype in (torch.float16, torch.bfloat16) else 4, 64 if head_dim <= 64 else 128)]
+    key = (2 if dtype in (torch.float16, torch.bfloat16) else 4, 64 if head_dim <= 64 else 128)
+    if docs and (kind, *key) in DOC_CONFIGS:
+        return DOC_CONFIGS[(kind, *key)]
+    return {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind][key]
 
 
 def _unit_last(t):
@@ -302,7 +357,8 @@ def _unit_last(t):
 
 
 @triton_op("nanosmol::attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, start: Optional[torch.Tensor],
+                  end: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
@@ -310,18 +366,19 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if B * H * Tq == 0:
         return o, lse
-    block_m, block_n, num_warps, num_stages = _config("fwd", q.dtype, D)
-    launch("attention_fwd", _attn_fwd_kernel, (triton.cdiv(Tq, block_m), B * H), q, k, v, o, lse,
+    block_m, block_n, num_warps, num_stages = _config("fwd", q.dtype, D, start is not None)
+    launch("attention_fwd", _attn_fwd_kernel, (triton.cdiv(Tq, block_m), B * H), q, k, v, o, lse, start,
            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
            v.stride(2), o.stride(0), o.stride(1), o.stride(2), H, H // Hkv, Tq, Tk,
            QK_SCALE=LOG2E / math.sqrt(D), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-           DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+           DOC=start is not None, DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     return o, lse
 
 
 @triton_op("nanosmol::attention_bwd", mutates_args=())
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  lse: torch.Tensor, causal: bool, start: Optional[torch.Tensor],
+                  end: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     do = do.contiguous()  # may arrive expanded (stride 0) or in another layout
     B, Tq, H, D = q.shape
@@ -338,41 +395,45 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     launch("attention_bwd_pre", _attn_bwd_preprocess_kernel, (triton.cdiv(Tq, block_m), B * H), o, do, delta,
            o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Tq,
            HEAD_DIM=D, BLOCK_M=block_m, num_warps=4 if D <= 64 else 8)
-    block_m, block_n, num_warps, num_stages = _config("dkdv", q.dtype, D)
+    block_m, block_n, num_warps, num_stages = _config("dkdv", q.dtype, D, end is not None)
     launch("attention_bwd_dkdv", _attn_bwd_dkdv_kernel, (triton.cdiv(Tk, block_n), B * Hkv), q, k, v, do, lse, delta,
-           dk, dv, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+           dk, dv, end, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
            v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1),
            dk.stride(2), H, Hkv, H // Hkv, Tq, Tk, SM_SCALE=scale, QK_SCALE=scale * LOG2E, HEAD_DIM=D,
-           BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DOT_PRECISION=precision, num_warps=num_warps,
-           num_stages=num_stages)
-    block_m, block_n, num_warps, num_stages = _config("dq", q.dtype, D)
+           BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DOC=end is not None, DOT_PRECISION=precision,
+           num_warps=num_warps, num_stages=num_stages)
+    block_m, block_n, num_warps, num_stages = _config("dq", q.dtype, D, start is not None)
     launch("attention_bwd_dq", _attn_bwd_dq_kernel, (triton.cdiv(Tq, block_m), B * H), q, k, v, do, lse, delta, dq,
-           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+           start, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
            v.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
            H, H // Hkv, Tq, Tk, SM_SCALE=scale, QK_SCALE=scale * LOG2E, HEAD_DIM=D, BLOCK_M=block_m,
-           BLOCK_N=block_n, CAUSAL=causal, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+           BLOCK_N=block_n, CAUSAL=causal, DOC=start is not None, DOT_PRECISION=precision, num_warps=num_warps,
+           num_stages=num_stages)
     return dq, dk, dv
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal = inputs
+    q, k, v, causal, start, end = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.save_for_backward(q, k, v, o, lse, start, end)
     ctx.causal = causal
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.nanosmol.attention_bwd(do, q, k, v, o, lse, ctx.causal)
-    return dq, dk, dv, None
+    q, k, v, o, lse, start, end = ctx.saved_tensors
+    dq, dk, dv = torch.ops.nanosmol.attention_bwd(do, q, k, v, o, lse, ctx.causal, start, end)
+    return dq, dk, dv, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    docs: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v with q (B, T, H, D), k and v (B, T, Hkv, D); returns (B, T, H, D) in q's dtype.
-    Strided views (e.g. slices of a fused qkv projection) are read in place as long as the last dim is contiguous."""
+    Strided views (e.g. slices of a fused qkv projection) are read in place as long as the last dim is contiguous.
+    docs: packed documents, (start, end) each (B, T) int32, token i's document being [start[b, i], end[b, i]) (contiguous
+    runs: documents.Documents makes them from document ids); attention is then causal within each document."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"kernels.flash_attention: q, k, v must be (B, T, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -395,6 +456,17 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                          f"Tq={Tq}); the mask is aligned bottom-right (query i sees keys j <= i + Tk - Tq)")
     if Tk == 0 and Tq > 0:
         raise ValueError("kernels.flash_attention: no keys (Tk=0)")
+    start = end = None
+    if docs is not None:
+        start, end = docs
+        if not causal or Tk != Tq:
+            raise ValueError(f"kernels.flash_attention: docs need causal attention over one sequence (Tq == Tk), got "
+                             f"causal={causal}, Tq={Tq}, Tk={Tk}")
+        if start.shape != (B, Tq) or end.shape != (B, Tq) or start.dtype != torch.int32 or end.dtype != torch.int32:
+            raise ValueError(f"kernels.flash_attention: docs must be (start, end), each ({B}, {Tq}) int32, got "
+                             f"{tuple(start.shape)} {start.dtype} and {tuple(end.shape)} {end.dtype}")
+        start, end = start.contiguous(), end.contiguous()
+        check_device("attention", q, start, end)
     check_device("attention", q, k, v)
-    o, _ = torch.ops.nanosmol.attention_fwd(q, k, v, causal)
+    o, _ = torch.ops.nanosmol.attention_fwd(q, k, v, causal, start, end)
     return o
