@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU measurement this project owes, in one command, on a machine with one or more NVIDIA GPUs and a clone:
 #
-#   bash bench/gpu.sh                 # ~10 min on one H100/H200; writes gpu_results.md (paste into BENCHMARKS.md)
+#   bash bench/gpu.sh                 # ~12 min on one H100/H200; writes gpu_results.md (paste into BENCHMARKS.md)
 #   bash bench/gpu.sh --dry-run       # no GPU: checks that every step resolves, runs the scripts' CPU dry runs, skips
 #
 # Steps (each under its own time limit, so one that hangs or overruns cannot eat the others' time):
 #   1. the GPU kernel tests (test_kernels.py: bf16/fp16/fp32 vs PyTorch, determinism, torch.compile, a 50-step
 #      training comparison kernels on/off)
-#   2. the kernel benchmarks vs PyTorch eager, torch.compile, F.rms_norm, SDPA flash / cuDNN / math (bench/kernels.py)
+#   2. the kernel benchmarks vs PyTorch eager, torch.compile, F.rms_norm, SDPA flash / cuDNN / math (bench/kernels.py),
+#      with attention within packed documents against the plain causal kernel and flash-attn's varlen function
+#   2b. packed documents: a packed SFT step and one layer's attention with the old (B, T, T) mask, documents.py's
+#      PyTorch path and the Triton kernel's document variant: peak memory and time (bench/packed.py)
 #   3. train-step throughput, MFU and peak memory of the 135M, 360M and 1.7B presets at T=2048, bf16 autocast, eager
 #      and compiled, kernels off and on (bench/train.py)
 #   4. with >= 2 GPUs: DDP and FSDP2 over NCCL on all of them vs one GPU (bench/train.py under torchrun)
@@ -87,12 +90,14 @@ fi
 # the pytest summary is not a table: keep its last line
 [ $DRY = 0 ] && note "$(grep -E 'passed|failed|error' "$OUT.log" | tail -1)"
 
-step "Kernels vs PyTorch (bf16)" 180 $PY bench/kernels.py --e2e_compile=0
+step "Kernels vs PyTorch (bf16)" 240 $PY bench/kernels.py --e2e_compile=0
 if [ $DRY = 1 ]; then  # the benchmark's own CPU dry run: every code path once, tiny shapes, interpreter
     TRITON_INTERPRET=1 timeout 300 $PY bench/kernels.py --dry_run=1 --only=rmsnorm > /dev/null 2>&1 \
         && note "bench/kernels.py --dry_run=1 --only=rmsnorm: ran on CPU" \
         || { note "FAILED: bench/kernels.py --dry_run=1 --only=rmsnorm"; FAILED=1; }
 fi
+
+step "Packed documents: (B, T, T) mask vs Documents (PyTorch path, Triton kernel), fp32" 180 $PY bench/packed.py
 
 step "Training step: presets x {eager, compile} x {kernels off, on}, T=2048" 240 \
     $PY bench/train.py --steps=8 --warmup=3
