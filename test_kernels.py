@@ -426,8 +426,9 @@ def test_bench_script_exits_cleanly_without_gpu():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
 def test_gpu_script_dry_run_resolves_every_step(tmp_path):
     # bench/gpu.sh (the owed GPU runs) on this CPU machine: every step is listed with its command and skipped with the
-    # reason, and the CPU-runnable parts (pytest collection, bench/kernels.py's interpreter dry run, bench/train.py's
-    # DDP and FSDP2 wrapping on 2 gloo processes) run, so the first GPU machine's minutes go to measuring
+    # reason, and the CPU-runnable parts (pytest collection, bench/kernels.py's interpreter dry run, bench/packed.py at a
+    # tiny size, bench/train.py's DDP and FSDP2 wrapping on 2 gloo processes) run, so the first GPU machine's minutes go
+    # to measuring
     import subprocess
     out = tmp_path / "gpu.md"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -436,11 +437,12 @@ def test_gpu_script_dry_run_resolves_every_step(tmp_path):
                        cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
     text = out.read_text()
     assert r.returncode == 0 and "all steps completed" in text and "FAILED" not in text, text + r.stderr
-    for section in ("Kernel tests on the GPU", "Kernels vs PyTorch", "Training step", "ddp on", "fsdp on"):
+    for section in ("Kernel tests on the GPU", "Kernels vs PyTorch", "Packed documents", "Training step", "ddp on",
+                    "fsdp on"):
         assert f"### {section}" in text
-    assert text.count("skipped: dry run") == 5
-    for ran in ("test_kernels.py: collected", "bench/kernels.py --dry_run=1", "--parallel=ddp: 2 CPU processes",
-                "--parallel=fsdp: 2 CPU processes"):
+    assert text.count("skipped: dry run") == 6
+    for ran in ("test_kernels.py: collected", "bench/kernels.py --dry_run=1", "bench/packed.py --part=attention",
+                "--parallel=ddp: 2 CPU processes", "--parallel=fsdp: 2 CPU processes"):
         assert ran in text
     r = subprocess.run(["bash", "bench/gpu.sh"], capture_output=True, text=True, env=env, timeout=60,
                        cwd=os.path.dirname(os.path.abspath(__file__)))

@@ -98,6 +98,13 @@ if [ $DRY = 1 ]; then  # the benchmark's own CPU dry run: every code path once, 
 fi
 
 step "Packed documents: (B, T, T) mask vs Documents (PyTorch path, Triton kernel), fp32" 180 $PY bench/packed.py
+if [ $DRY = 1 ]; then  # its CPU path at a tiny size: both variants, each in its own process
+    timeout 300 $PY bench/packed.py --part=attention --block_sizes=64 --micro_batch_size=1 > "$OUT.packed" 2>&1 \
+        && grep -q '^| attention | 64 | ratio mask' "$OUT.packed" \
+        && note "bench/packed.py --part=attention --block_sizes=64: ran on CPU" \
+        || { note "FAILED: bench/packed.py on CPU (see $OUT.packed)"; FAILED=1; }
+    rm -f "$OUT.packed"
+fi
 
 step "Training step: presets x {eager, compile} x {kernels off, on}, T=2048" 240 \
     $PY bench/train.py --steps=8 --warmup=3
