@@ -224,6 +224,7 @@ class Engine:
             r.finish = "cancelled"
         self.waiting.clear()
         self.running = []
+        self.cache = None  # whatever a failed step left in it goes too; the next prefill allocates afresh
         return gone
 
     def busy(self):

@@ -11,6 +11,10 @@ Concurrency: one thread runs the generation engine (engine.py): the running requ
 together, one token each per batched forward, and a new request joins at the next step (continuous batching); in fp32
 a request's greedy tokens are the ones it gets alone. Requests beyond max_active wait in arrival order. A client that
 disconnects cancels its generation; a slow reader never stalls the engine (its tokens queue up for it).
+Untrusted input is bounded: the body's size, messages and characters, stop strings (4, of at most 128 characters: the
+held-back text stays short), max_tokens against the context, the waiting queue (429 with Retry-After past max_queue)
+and each request's time (request_timeout). Tokenisation runs off the event loop, detokenisation in the engine's
+thread, so /health answers while requests run.
 """
 import asyncio
 import collections
@@ -27,13 +31,16 @@ host = "127.0.0.1"
 port = 8000
 model_name = ""         # the id /v1/models reports ("" = derived from init_from)
 max_active = 8          # requests decoded concurrently; later ones wait in a FIFO queue
-max_tokens_limit = 2048  # the largest max_tokens a request may ask for
+max_queue = 64          # requests that may wait beyond max_active; more are refused (429, with Retry-After)
+max_tokens_limit = 2048  # the largest max_tokens a request may ask for (and prompt + max_tokens <= the context)
 max_messages = 128      # per chat request
 max_chars = 64_000      # per message / prompt
+max_body_bytes = 1 << 20  # a larger request body is refused (413) before it is parsed
+request_timeout = 300.0  # seconds from arrival to the last token; a request still running then is cancelled (504)
 # -----------------------------------------------------------------------------
 from configurator import OptionError, check_sampling, configure  # noqa: E402
 
-STOP_MAX = 4  # stop strings per request (OpenAI's limit)
+STOP_MAX, STOP_CHARS = 4, 128  # stop strings per request (OpenAI's limit) and characters per stop string
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 
 
@@ -114,15 +121,16 @@ def parse_common(body, limit):
         raise BadRequest("the request body must be a JSON object")
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
-    if max_tokens is None:
-        max_tokens = 256
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    explicit, max_tokens = max_tokens is not None, min(256, limit) if max_tokens is None else max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
         raise BadRequest(f"'max_tokens' must be an integer in [1, {limit}], got {max_tokens!r}", "max_tokens")
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stop, list) and len(stop) <= STOP_MAX and all(isinstance(s, str) and s for s in stop)):
-        raise BadRequest(f"'stop' must be a non-empty string or a list of at most {STOP_MAX} of them", "stop")
+    if not (isinstance(stop, list) and len(stop) <= STOP_MAX and
+            all(isinstance(s, str) and 0 < len(s) <= STOP_CHARS for s in stop)):
+        raise BadRequest(f"'stop' must be a string of 1 to {STOP_CHARS} characters or a list of at most {STOP_MAX} "
+                         f"of them", "stop")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise BadRequest("'seed' must be an integer", "seed")
@@ -135,8 +143,8 @@ def parse_common(body, limit):
         check_sampling(temperature, 0, top_p)  # the ranges every script shares
     except OptionError as e:
         raise BadRequest(str(e), e.param) from None
-    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, stream=stream,
-                include_usage=bool(isinstance(opts, dict) and opts.get("include_usage")))
+    return dict(max_tokens=max_tokens, explicit_max_tokens=explicit, temperature=temperature, top_p=top_p, stop=stop,
+                seed=seed, stream=stream, include_usage=bool(isinstance(opts, dict) and opts.get("include_usage")))
 
 
 def parse_messages(body):
@@ -174,9 +182,9 @@ def build_app(model, tok, name, worker):
     created = int(time.time())
     counter = itertools.count()
 
-    def error(e: BadRequest):
-        return JSONResponse({"error": {"message": str(e), "type": "invalid_request_error", "param": e.param,
-                                       "code": e.code}}, status_code=e.status)
+    def error(e: BadRequest, kind="invalid_request_error", headers=None):
+        return JSONResponse({"error": {"message": str(e), "type": kind, "param": e.param, "code": e.code}},
+                            status_code=e.status, headers=headers)
 
     @app.exception_handler(Exception)
     async def crash(request, exc):  # a bug must still answer in OpenAI's shape, and the server lives on
@@ -197,37 +205,55 @@ def build_app(model, tok, name, worker):
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "nanosmol"}]}
 
     async def body_of(request):
+        # the body, refused past max_body_bytes whatever Content-Length claims (it is read in chunks and counted)
+        size, chunks = 0, []
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise BadRequest(f"the request body is over {max_body_bytes} bytes", code="request_too_large",
+                                 status=413)
+            chunks.append(chunk)
         try:
-            return json.loads(await request.body())
+            return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(f"the request body is not valid JSON: {e}")
 
+    def prompt_ids(body, chat):
+        # the prompt's token ids (run in a worker thread: a long prompt's tokenisation must not hold the event loop)
+        if chat:
+            return tok.encode(tok.chat_text(parse_messages(body), add_generation_prompt=True))
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise BadRequest("'prompt' must be a string", "prompt")
+        if len(prompt) > max_chars:
+            raise BadRequest(f"'prompt' is {len(prompt)} characters (limit {max_chars})", "prompt")
+        return tok.encode(prompt) or [model.config.bos_token_id]
+
     async def run(request, chat):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request_timeout
+        if worker.stats()["queued"] >= max_queue:  # shed load before reading or tokenising anything
+            return error(BadRequest(f"the server is busy: {max_queue} requests are already waiting; retry later",
+                                    code="server_busy", status=429), "rate_limit_exceeded", {"Retry-After": "1"})
         try:
             body = await body_of(request)
             opts = parse_common(body, max_tokens_limit)
-            if chat:
-                ids = tok.encode(tok.chat_text(parse_messages(body), add_generation_prompt=True))
-            else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str):
-                    raise BadRequest("'prompt' must be a string", "prompt")
-                if len(prompt) > max_chars:
-                    raise BadRequest(f"'prompt' is {len(prompt)} characters (limit {max_chars})", "prompt")
-                ids = tok.encode(prompt) or [model.config.bos_token_id]
             if body.get("model") not in (None, name):
                 raise BadRequest(f"model {body.get('model')!r} does not exist; this server has {name!r}", "model",
                                  "model_not_found", 404)
-            if len(ids) >= model.config.block_size:
-                raise BadRequest(f"the prompt is {len(ids)} tokens; this model's context is {model.config.block_size}",
-                                 "messages" if chat else "prompt", "context_length_exceeded")
+            ids = await asyncio.to_thread(prompt_ids, body, chat)
+            block = model.config.block_size
+            if len(ids) >= block or (opts["explicit_max_tokens"] and len(ids) + opts["max_tokens"] > block):
+                raise BadRequest(f"the prompt is {len(ids)} tokens and max_tokens {opts['max_tokens']}; this model's "
+                                 f"context is {block}", "messages" if chat else "prompt", "context_length_exceeded")
         except BadRequest as e:
             return error(e)
         except ValueError as e:  # e.g. a conversation the chat template refuses
             return error(BadRequest(str(e), "messages" if chat else "prompt"))
-        req = Generation(ids, opts["max_tokens"], opts["temperature"], 0, opts["top_p"], opts["seed"], tuple(opts["stop"]))
+        max_new = min(opts["max_tokens"], model.config.block_size - len(ids))  # the default fits what is left
+        req = Generation(ids, max_new, opts["temperature"], 0, opts["top_p"], opts["seed"], tuple(opts["stop"]))
         job = Job(req, asyncio.get_running_loop())
         worker.submit(job)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{next(counter)}-{os.getpid()}"
@@ -246,10 +272,13 @@ def build_app(model, tok, name, worker):
 
         async def events():
             # (delta text, finish reason or None) as the engine produces them (the text is UTF-8-safe and stops before
-            # a stop string: engine.Detokenizer); the generation is cancelled if we stop early
+            # a stop string: engine.Detokenizer); the generation is cancelled if we stop early, or past the deadline
             try:
                 while True:
-                    item = await job.queue.get()
+                    try:
+                        item = await asyncio.wait_for(job.queue.get(), timeout=max(0.0, deadline - loop.time()))
+                    except asyncio.TimeoutError:
+                        raise TimeoutError(f"the request took over request_timeout={request_timeout:g} s") from None
                     if item[0] == "error":
                         raise RuntimeError(item[1])
                     _, delta, finish = item
@@ -276,6 +305,8 @@ def build_app(model, tok, name, worker):
                         delta, finish = task.result()
                     except StopAsyncIteration:
                         break
+                    except TimeoutError as e:
+                        return error(BadRequest(str(e), code="timeout", status=504), "timeout")
                     parts.append(delta)
                     if finish:
                         break
@@ -293,9 +324,15 @@ def build_app(model, tok, name, worker):
             if chat:
                 yield data({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                   "finish_reason": None, "logprobs": None}]})
-            async for delta, finish in events():
-                if delta or finish:
-                    yield data({**base, "choices": [choice(delta, finish)]})
+            try:
+                async for delta, finish in events():
+                    if delta or finish:
+                        yield data({**base, "choices": [choice(delta, finish)]})
+            except (TimeoutError, RuntimeError) as e:  # the headers are sent: the error is the stream's last event
+                kind = "timeout" if isinstance(e, TimeoutError) else "server_error"
+                yield data({"error": {"message": str(e), "type": kind, "param": None, "code": None}})
+                yield "data: [DONE]\n\n"
+                return
             if opts["include_usage"]:
                 yield data({**base, "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
