@@ -330,9 +330,9 @@ class GPT(nn.Module):
     def hidden_states(self, idx, positions=None, mask=None, cache=None, docs=None):
         # idx (B, T) -> final-normed hidden states (B, T, C). docs (B, T): the document number of each token, for rows
         # packed with several documents (a run of equal numbers is one document; or a Documents): attention is then
-        # causal within each. positions (B, T): each token's position when it is not its index in the row: packed documents (SFT's
-        # restart per document: Documents.positions), a mask's packed choices (mask (B, T, T) says which keys each
-        # query sees), or generation's rows at their own offsets in the KV cache (cache: engine.KVCache).
+        # causal within each. positions (B, T): each token's position when it is not its index in the row: packed
+        # documents (SFT's restart per document: Documents.positions), a mask's packed choices (mask (B, T, T) says
+        # which keys each query sees), or generation's rows at their own offsets in the KV cache (cache: engine.KVCache).
         B, T = idx.size()
         docs = docs if docs is None or isinstance(docs, Documents) else Documents(docs)
         if positions is not None:

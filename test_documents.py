@@ -12,6 +12,11 @@ def tiny(**kw):
     return GPT(GPTConfig(**{**PRESETS["tiny"], "vocab_size": 512, **kw}))
 
 
+def doc_ids(rows):
+    # each row's document lengths -> (B, T) document numbers, a run per document
+    return torch.tensor([sum(([d] * n for d, n in enumerate(r)), []) for r in rows])
+
+
 def test_documents_bounds_and_positions():
     ids = torch.tensor([[0, 0, 0, 1, 2, 2, -1, -1], [5, 5, 5, 5, 5, 5, 5, 5], [0, 1, 2, 3, 4, 5, 6, 7]])
     d = Documents(ids)
@@ -30,7 +35,7 @@ def test_packed_documents_equal_one_by_one(rows):
     m = tiny(block_size=64)
     B, T = len(rows), 64
     x, y = torch.randint(0, 512, (B, T)), torch.randint(0, 512, (B, T))
-    ids = torch.tensor([sum(([d] * n for d, n in enumerate(r)), []) for r in rows])
+    ids = doc_ids(rows)
     logits, loss = m(x, y, positions=Documents(ids).positions(), docs=ids, reduction="sum")
     (loss / (B * T)).backward()
     packed = {n: p.grad.clone() for n, p in m.named_parameters()}
@@ -55,7 +60,7 @@ def test_doc_attention_equals_a_dense_mask_in_every_tiling(rows):
     # documents (T = 100 is no multiple of either); None: the default tiling (one tile here)
     torch.manual_seed(0)
     lengths = [[1, 1, 30, 17, 51], [100], [7] * 14 + [2]]
-    ids = torch.tensor([sum(([d] * n for d, n in enumerate(r)), []) for r in lengths])
+    ids = doc_ids(lengths)
     B, T, H, Hkv, D = 3, 100, 4, 2, 16
     q = torch.randn(B, H, T, D, requires_grad=True)
     k, v = (torch.randn(B, Hkv, T, D, requires_grad=True) for _ in range(2))

@@ -124,8 +124,8 @@ require(config, dict(schedule=("wsd", "cosine"), decay_shape=("linear", "1-sqrt"
                      **{k: (None, True, False) for k in ("triton_rmsnorm", "triton_rope", "triton_attention")}),
         positive=("max_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints", "log_interval",
                   "micro_batch_size", "block_size", "total_batch_tokens", "swa_window", "max_nonfinite_steps"))
-if OBJECTIVES[objective].config_error(config):
-    raise SystemExit(f"config error: {OBJECTIVES[objective].config_error(config)}")
+if _error := OBJECTIVES[objective].config_error(config):
+    raise SystemExit(f"config error: {_error}")
 if not 0 <= decay_frac <= 1:
     raise SystemExit(f"config error: decay_frac must be in [0, 1], got {decay_frac}")
 if stages is not None and not (stages and all(isinstance(s, dict) and "weights" in s for s in stages)):
