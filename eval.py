@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from data import best_fit
 from checkpoint import open_model
 from engine import Engine, Request
-from sandbox import execute_all
+from sandbox import SandboxError, execute_all, require_isolation
 from tasks import SMOLLM2_AVERAGE, SUITE, EvalError, load_task
 
 GEN_BATCH = 8  # generative examples decoded together (the engine's batch): 4-5x one at a time on 2 CPU cores
@@ -253,8 +253,9 @@ def task_examples(task, limit=0, rank=0, world_size=1):
 
 
 def run_task(model, tok, task, examples, num_fewshot=None, chat=False, batch_tokens=4096, device="cpu", autocast=None,
-             n_samples=1, temperature=0.0, top_p=0.95, seed=1234, progress=True, log=None):
-    # -> {metric: [per-example value]} over `examples` (indices into task.docs); log(dict) gets one record per example
+             n_samples=1, temperature=0.0, top_p=0.95, seed=1234, progress=True, log=None, allow_unsafe_exec=False):
+    # -> {metric: [per-example value]} over `examples` (indices into task.docs); log(dict) gets one record per example.
+    # Code tasks run the completions in sandbox.py's isolation; where there is none, only with allow_unsafe_exec.
     shots = task.num_fewshot if num_fewshot is None or num_fewshot < 0 else num_fewshot
     chat_tok = tok if chat else None
     ks = [k for k in (1, 10, 100) if k <= n_samples]
@@ -314,7 +315,7 @@ def run_task(model, tok, task, examples, num_fewshot=None, chat=False, batch_tok
                          exact_match=ok))
         return scores
     programs = [(i, s, humaneval_program(task.docs[i], c)) for i in examples for s, c in enumerate(outs[i])]
-    results = execute_all([p for _, _, p in programs])
+    results = execute_all([p for _, _, p in programs], isolate=require_isolation(allow_unsafe_exec))
     passed = {}
     for (i, s, _), (ok, status) in zip(programs, results):
         passed.setdefault(i, []).append(ok)
@@ -335,7 +336,13 @@ def task_list(entries, limit, data_dir):
             else (None, None)
         if not (isinstance(spec, str) and isinstance(n, int)):
             raise EvalError(f"eval_tasks entries are a task name or (name, limit), got {t!r}")
-        out.append((load_task(spec, data_dir), n))
+        task = load_task(spec, data_dir)
+        if task.kind == "code":
+            try:
+                require_isolation()
+            except SandboxError as err:
+                raise EvalError(f"eval_tasks' {spec}: {err}") from None
+        out.append((task, n))
     return out
 
 
@@ -417,6 +424,8 @@ def main(argv):
         dtype="float32",     # float32, bfloat16 or float16
         out="",              # write the results (JSON) here
         log_samples="",      # write one JSON line per example here
+        allow_unsafe_exec=False,  # code tasks where sandbox.py cannot isolate the code (no Linux user namespaces):
+                                  # run it anyway, with resource limits only
     )
     configure(cfg, argv, allow_config_file=False)
     c = SimpleNamespace(**cfg)
@@ -435,6 +444,8 @@ def main(argv):
         raise EvalError(f"--n_samples={c.n_samples} with --temperature=0 gives n copies of the greedy completion: "
                         f"set --temperature (e.g. 0.8)")
     tasks = [load_task(t.strip(), c.data_dir, c.from_hub, c.extract) for t in c.tasks.split(",") if t.strip()]
+    if any(t.kind == "code" for t in tasks):
+        require_isolation(c.allow_unsafe_exec)  # refused before the model is loaded, not after the generations
     from runtime import pick_device
     c.device = pick_device()[0] if c.device == "auto" else c.device
     opened = open_model(c.init_from)  # every task checked first
@@ -448,7 +459,8 @@ def main(argv):
     for task in tasks:
         t0 = time.perf_counter()
         scores = run_task(model, tok, task, task_examples(task, c.limit), c.num_fewshot, c.chat, c.batch_size,
-                          c.device, autocast, c.n_samples, c.temperature, c.top_p, c.seed, progress=True, log=log)
+                          c.device, autocast, c.n_samples, c.temperature, c.top_p, c.seed, progress=True, log=log,
+                          allow_unsafe_exec=c.allow_unsafe_exec)
         results[task.name] = aggregate(scores)
         timings[task.name] = time.perf_counter() - t0
         n = len(next(iter(scores.values())))

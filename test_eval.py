@@ -1,6 +1,6 @@
 # eval.py, tasks.py, sandbox.py: the packed log-likelihoods against one plain forward per request, lm-eval's own numbers
 # on real data (MedMCQA) with the real SmolLM2-135M-Instruct, the metrics on log-likelihoods we choose, generative tasks
-# through the engine (the user's own gen: file included), and the code sandbox.
+# through the engine (the user's own gen: file included). The code sandbox: test_sandbox.py.
 import json
 import math
 import os
@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-import sandbox
 import tasks as tk
 from checkpoint import open_model, smollm2_gguf_path
 from engine import Engine, Request
@@ -188,46 +187,6 @@ def test_generation_stops_at_the_stop_string():
         cut = ev.completions(model, CharTok(), ["AB", "CDE"], (stop,), max_new_tokens=12)
         for f, c in zip(full, cut):
             assert c[0] == f[0][:f[0].index(stop)] if stop in f[0] else c[0] == f[0]
-
-
-# ----------------------------------------------------------------------------- code execution
-
-
-@pytest.mark.slow
-def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
-    task = tk.humaneval_task()
-    assert len(task.docs) == 164
-    good = sandbox.execute_all([ev.humaneval_program(p, p["canonical_solution"]) for p in task.docs])
-    assert sum(ok for ok, _ in good) == 164, [s for ok, s in good if not ok][:3]
-    empty = sandbox.execute_all([ev.humaneval_program(p, "    pass\n") for p in task.docs])
-    assert sum(ok for ok, _ in empty) <= 3
-
-
-def test_sandbox_survives_hostile_programs(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "precious.txt").write_text("keep me")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("SECRET_TOKEN", "hunter2")
-    hostile = {
-        "infinite loop": "while True:\n    pass\n",
-        "fork bomb": "import os\nwhile True:\n    os.fork()\n",
-        "100 GB": "x = bytearray(100 * 1024 ** 3)\n",
-        "rm -rf ~": f"import os\nos.system('rm -rf ~ {home}')\n",
-        "rmtree": f"import shutil\nshutil.rmtree({str(home)!r})\n",
-        "secret": "import os\nassert 'SECRET_TOKEN' not in os.environ\nraise SystemExit(3)\n",
-        "child outlives": "import subprocess\nsubprocess.Popen(['sleep', '1000'])\n",
-    }
-    t0 = time.perf_counter()
-    results = {name: sandbox.run_program(code, timeout=3.0) for name, code in hostile.items()}
-    assert time.perf_counter() - t0 < 60
-    for name, (ok, status) in results.items():
-        assert not ok, (name, status)
-    assert "timed out" in results["infinite loop"][1]
-    assert "MemoryError" in results["100 GB"][1]
-    assert "exit status 3" in results["secret"][1]  # the environment was not inherited
-    assert (home / "precious.txt").read_text() == "keep me"
-    assert sandbox.run_program("print('fine')\n")[0]
 
 
 # ----------------------------------------------------------------------------- real data, real weights, lm-eval
