@@ -74,6 +74,9 @@ PRESETS = {
 # Triton kernels: imported lazily, so model.py works where triton is absent.
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The CPU's own paths where they beat the general ones there: fp32 attention in training, the C head, smaller head
+# chunks. plan.py turns them off to trace a GPU's step on fake CPU tensors.
+CPU_PATHS = True
 
 
 # None (the default) means PyTorch everywhere for now: the kernels have run only in Triton's CPU interpreter, so on a
@@ -231,7 +234,8 @@ class Attention(nn.Module):
             causal = mask is None
             mask = None if mask is None else mask[:, None]  # (B, 1, T, L): every head alike
             dt, upcast = q.dtype, nullcontext()
-            if x.device.type == "cpu" and dt != torch.float32 and torch.is_grad_enabled() and q.requires_grad:
+            training = torch.is_grad_enabled() and q.requires_grad
+            if CPU_PATHS and x.device.type == "cpu" and dt != torch.float32 and training:
                 # training under CPU autocast: SDPA's CPU flash backward is slower in bf16 than in fp32 (a quickstart
                 # layer's: 18-20 vs 8 ms, BENCHMARKS.md; its forward alone is faster in bf16). Autocast would cast
                 # the fp32 inputs straight back to bf16, so it is off for this call.
@@ -441,7 +445,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # h (N, C), w (vocab, C), targets (N,) with -100 = no loss; matmuls in dtype, softmax and sums in fp32.
         # needs_input_grad is True for a parameter even under no_grad (evaluation): grad_enabled says whether it counts
         need_dh, need_dw = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
-        use_c = h.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and _cpu_kernels() is not None
+        use_c = CPU_PATHS and h.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) \
+            and _cpu_kernels() is not None
         with torch.autocast(h.device.type, enabled=False):
             wc = w.to(dtype)
             dh = torch.empty_like(h) if need_dh else None
@@ -498,7 +503,7 @@ def fused_cross_entropy(h, w, targets, chunk: Optional[int] = None, reduction: s
     # the quickstart's 2048 rows in 4 chunks of 512 ran 1.2x faster than in 13 of 160 (BENCHMARKS.md)
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else w.dtype
     if chunk is None:  # as many chunks as that takes, of equal size (no last sliver), rounded up to 16 rows
-        most = max(16, (1 << (25 if h.device.type == "cpu" else 26)) // w.shape[0] // 16 * 16)
+        most = max(16, (1 << (25 if CPU_PATHS and h.device.type == "cpu" else 26)) // w.shape[0] // 16 * 16)
         n_chunks = max(1, math.ceil(h.shape[0] / most))
         chunk = math.ceil(h.shape[0] / n_chunks / 16) * 16 or 16
     if reduction not in ("mean", "sum"):

@@ -10,10 +10,11 @@ data_dir = "data_cache/smol"
 model = "smol1.7b"                 # 24 layers, 2048 wide, 32 heads (no GQA), 1.71B parameters (tied)
 
 # global batch: 1024 sequences x 2048 tokens = 2,097,152 tokens per step
-# 8 seqs x 2048 tokens x 64 GPUs x 2 accumulation steps = 2,097,152
+# 4 seqs x 2048 tokens x 64 GPUs x 4 accumulation steps = 2,097,152
 block_size = 2048
-micro_batch_size = 8               # estimate on an 80 GiB H100 in bf16: 27 GiB weights+grads+AdamW, ~28 GiB activations,
-                                   # ~8 GiB logits. If it does not fit: 4, or activation_checkpointing = True
+micro_batch_size = 4               # plan.py, per rank on H100s under DDP, bf16: 60.4 GiB of tensors (31.9 weights, gradients,
+                                   # DDP's buckets and AdamW; 28.5 activations), 67.9 with the margin. At 8 the activations
+                                   # double and it needs 94.7 GiB: python plan.py configs/smol1.7b.py --gpus=64
 total_batch_tokens = 2_097_152
 _T = total_batch_tokens
 

@@ -12,7 +12,8 @@ model = "smol135m"                 # 30 layers, 576 wide, 9 query / 3 kv heads, 
 # global batch: 512 sequences x 2048 tokens = 1,048,576 tokens per step
 # 16 seqs x 2048 tokens x 32 GPUs x 1 accumulation step = 1,048,576
 block_size = 2048
-micro_batch_size = 16              # ~40 GiB of an 80 GiB H100 in bf16 (estimate: activations ~19 GiB + logits ~16 GiB)
+micro_batch_size = 16              # plan.py: 30.1 GiB of tensors per rank in bf16 (34.6 with the margin) on 8 H100s;
+                                   # on 64 GPUs 16 x 2048 x 64 overshoots the batch: micro_batch_size=8 there
 total_batch_tokens = 1_048_576
 
 # 2M steps x 1,048,576 tokens = 2.1T tokens

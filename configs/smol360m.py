@@ -12,7 +12,8 @@ model = "smol360m"                 # 32 layers, 960 wide, 15 query / 5 kv heads,
 # global batch: 768 sequences x 2048 tokens = 1,572,864 tokens per step
 # 16 seqs x 2048 tokens x 48 GPUs x 1 accumulation step = 1,572,864
 block_size = 2048
-micro_batch_size = 16              # ~56 GiB of an 80 GiB H100 in bf16 (estimate); 8 if it does not fit
+micro_batch_size = 16              # plan.py: 55.2 GiB of tensors per rank in bf16 (62.3 with the margin) on 8 H100s;
+                                   # on 64 GPUs 16 x 2048 x 64 does not divide the batch: micro_batch_size=4 there
 total_batch_tokens = 1_572_864
 
 # 2.6M steps x 1,572,864 tokens = 4.1T tokens
