@@ -437,11 +437,12 @@ def test_gpu_script_dry_run_resolves_every_step(tmp_path):
                        cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
     text = out.read_text()
     assert r.returncode == 0 and "all steps completed" in text and "FAILED" not in text, text + r.stderr
-    for section in ("Kernel tests on the GPU", "Kernels vs PyTorch", "Packed documents", "Training step", "ddp on",
-                    "fsdp on"):
+    for section in ("Kernel tests on the GPU", "Kernels vs PyTorch", "Packed documents", "Training step",
+                    "train.py --compile=True vs eager", "Memory plan vs measured peak", "ddp on", "fsdp on"):
         assert f"### {section}" in text
-    assert text.count("skipped: dry run") == 6
+    assert text.count("skipped: dry run") == 8
     for ran in ("test_kernels.py: collected", "bench/kernels.py --dry_run=1", "bench/packed.py --part=attention",
+                "plan.py configs/quickstart.py --device=cpu --measure: ran on CPU",
                 "--parallel=ddp: 2 CPU processes", "--parallel=fsdp: 2 CPU processes"):
         assert ran in text
     r = subprocess.run(["bash", "bench/gpu.sh"], capture_output=True, text=True, env=env, timeout=60,
