@@ -39,18 +39,23 @@ MARGIN = (1.5 * GIB, 0.10)  # a GPU's memory beyond the tensors: context + NCCL,
 COLUMNS = ("parameters", "gradients", "optimizer", "activations", "head/temp")
 
 
-def train_defaults():
-    # train.py's defaults, read from its source: the assignments above its configure() call (one place for them)
+def train_config(argv):
+    # train.py's resolved config for argv (a config file, then --key=value): its defaults and the groups of keys that
+    # decide the same thing, read from its source (the assignments above its configure() call, and that call)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    out = {}
     with open(path) as f:
         tree = ast.parse(f.read())
+    cfg, exclusive = {}, None
     for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module == "configurator":
-            return out
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            out[node.targets[0].id] = ast.literal_eval(node.value)
-    raise RuntimeError("train.py's defaults end at `from configurator import`; that line is gone")
+            if isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "configure":
+                exclusive = next(ast.literal_eval(k.value) for k in node.value.keywords if k.arg == "exclusive")
+                break
+            cfg[node.targets[0].id] = ast.literal_eval(node.value)
+    if exclusive is None:
+        raise RuntimeError("train.py's `config_keys = configure(globals(), ..., exclusive=...)` line is gone")
+    configure(cfg, argv, exclusive=exclusive)
+    return cfg
 
 
 def model_config(cfg):
@@ -211,7 +216,7 @@ def plan(cfg, gpus, gpu_memory, mfu, device_type):
 def measure(cfg, device_type, steps=3):
     # the real peak of the planned steps on this machine, in a fresh process: -> bytes
     code = f"""
-import ctypes, resource, sys
+import ctypes, sys
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, fixed: freed tensors leave the resident set
 import torch
@@ -241,9 +246,13 @@ run(GPTConfig(**{{**gcfg.__dict__, "n_layer": 1}}), 1, 16, 2)  # the libraries' 
 if dev == "cuda":
     torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
     run(gcfg, B, T, {steps}); print(torch.cuda.max_memory_allocated() - base)
-else:
+else:  # the resident set's high-water mark, reset first: getrusage's would include the parent's, inherited at exec
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     base = int(open("/proc/self/statm").read().split()[1]) * 4096
-    run(gcfg, B, T, {steps}); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    run(gcfg, B, T, {steps})
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(int(hwm.split()[1]) * 1024 - base)
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if p.returncode != 0:
@@ -262,9 +271,7 @@ def main(argv):
                 if not isinstance(own[key], bool) else value == "True"
         else:
             rest.append(a)
-    cfg = train_defaults()
-    configure(cfg, rest, exclusive=[("max_steps", "epochs", "time_budget"), ("warmup_steps", "warmup_frac"),
-                                    ("decay_frac", "decay_steps")])
+    cfg = train_config(rest)
     if cfg["objective"] != "pretrain":
         raise SystemExit(f"plan.py traces pretraining's step; objective={cfg['objective']!r} is not planned yet")
     device_type = "cpu" if cfg["device"] == "cpu" else "cuda"

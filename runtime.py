@@ -129,7 +129,11 @@ class Runtime:
         # peak allocated by PyTorch on the GPU; on the CPU the process's peak resident set
         if self.device_type == "cuda":
             return torch.cuda.max_memory_allocated() / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        try:  # this process's own high-water mark: getrusage's also holds its parent's, inherited at exec (torchrun's)
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     def end(self):
         if self.ddp:

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import plan
-from configurator import configure
 from conftest import ROOT, run, train_losses
 from model import GPT, GPTConfig, PRESETS
 
@@ -95,9 +94,7 @@ def test_no_graph_break_inside_a_block(checkpointing):
 
 
 def plan_config(*argv):
-    cfg = plan.train_defaults()
-    configure(cfg, list(argv))
-    return cfg
+    return plan.train_config(list(argv))
 
 
 @pytest.mark.parametrize("shape", [
