@@ -135,8 +135,16 @@ class Runtime:
         except (OSError, StopIteration):
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-    def end(self):
+    def end(self, code=0):
+        # the run's last call. Every rank waits for the others first (rank 0 writes the last checkpoint), so none tears
+        # down a connection another still uses. On gloo (CPU runs) the process then exits at once: gloo's teardown can
+        # abort a finished process (SIGABRT in a destructor), which on several nodes left torchrun's agents waiting
         if self.ddp:
+            dist.barrier()
+            if dist.get_backend() == "gloo":
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
             dist.destroy_process_group()
 
 

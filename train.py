@@ -584,7 +584,7 @@ for step in range(start_step, max_steps + 1):
             print0(f"stopping: {nonfinite_run} non-finite losses in a row (steps {step - nonfinite_run + 1}-{step}). "
                    f"The weights are probably broken: resume from an earlier checkpoint (--init_from=resume with only "
                    f"the good ckpt_*.pt left in out_dir) with a lower learning_rate, or check the data.")
-            rt.end()
+            rt.end(1)
             sys.exit(1)
         continue
     if step % log_interval == 0 or step == max_steps - 1:
