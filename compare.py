@@ -4,6 +4,7 @@ the difference is more than the noise of seeds and evaluation items.
 
     python compare.py out/ablation_schedule                      # compare.md + curves.png in that directory
     python compare.py out/ablation_schedule --baseline=wsd --out=reports/schedule
+    python compare.py out/ablation_branches --pairs=branch_550:cosine_550,stable:cosine_1100   # chosen pairs
 
 What it reads and computes:
 - each run's final validation bits per byte, overall (the mean over sources, as train.py logs it) and per source;
@@ -102,8 +103,9 @@ def verdict(name, ref, what, diff, lo, hi, lower_is_better):
             f"(95% CI [{lo:+.4f}, {hi:+.4f}])")
 
 
-def compare(sweep, baseline=None):
-    # -> (the table's markdown lines, one verdict line per pair, the variants ranked by val bpb)
+def compare(sweep, baseline=None, pairs=None):
+    # -> (the table's markdown lines, one verdict line per pair, the variants ranked by val bpb). The pairs: each
+    # variant against the best by val bpb (or the baseline), or the (variant, reference) pairs given
     variants = list(sweep)
     bpb = {v: {s: final_bpb(r) for s, r in runs.items()} for v, runs in sweep.items()}
     items = {v: {s: item_scores(r) for s, r in runs.items()} for v, runs in sweep.items()}
@@ -112,8 +114,10 @@ def compare(sweep, baseline=None):
     mean_bpb = {v: sum(b["all"] for b in bpb[v].values()) / len(bpb[v]) for v in variants}
     ranked = sorted(variants, key=lambda v: mean_bpb[v])
     ref = baseline or ranked[0]
-    if ref not in sweep:
-        fail(f"--baseline={ref}: not a variant here ({', '.join(variants)})")
+    pairs = pairs or [(v, ref) for v in ranked if v != ref]
+    for name in {ref, *(v for pair in pairs for v in pair)}:
+        if name not in sweep:
+            fail(f"{name!r} is not a variant here ({', '.join(variants)})")
 
     def cell(values):  # mean ± stderr over seeds
         m = sum(values) / len(values)
@@ -132,9 +136,7 @@ def compare(sweep, baseline=None):
             row.append(f"{np.mean(flat):.4f} ± {se:.4f}" if flat else "-")
         lines.append("| " + " | ".join(row) + " |")
     verdicts = []
-    for v in ranked:
-        if v == ref:
-            continue
+    for v, ref in pairs:
         seeds = sorted(set(bpb[v]) & set(bpb[ref]))
         if not seeds:
             verdicts.append(f"{v} vs {ref}: no seed in common, nothing to pair")
@@ -178,10 +180,14 @@ def plot(sweep, ranked, path):
 def main(argv):
     opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     paths = [a for a in argv if not a.startswith("--")]
-    if len(paths) != 1 or set(opts) - {"baseline", "out"} or any(a.startswith("--") and "=" not in a for a in argv):
-        fail("usage: python compare.py SWEEP_OUT_DIR [--baseline=VARIANT] [--out=DIR]")
+    if len(paths) != 1 or set(opts) - {"baseline", "out", "pairs"} or any(a.startswith("--") and "=" not in a
+                                                                           for a in argv):
+        fail("usage: python compare.py SWEEP_OUT_DIR [--baseline=VARIANT | --pairs=A:B,C:D] [--out=DIR]")
+    pairs = [tuple(p.split(":", 1)) for p in opts["pairs"].split(",")] if "pairs" in opts else None
+    if pairs and not all(len(p) == 2 and all(p) for p in pairs):
+        fail(f"--pairs={opts['pairs']}: variant:reference pairs, separated by commas (branch_550:cosine_550)")
     sweep = load_sweep_runs(paths[0])
-    lines, verdicts, ranked = compare(sweep, opts.get("baseline"))
+    lines, verdicts, ranked = compare(sweep, opts.get("baseline"), pairs)
     out = opts.get("out", paths[0])
     os.makedirs(out, exist_ok=True)
     try:

@@ -134,13 +134,32 @@ def test_grid_names_and_the_errors_a_user_can_make(tmp_path):
     assert p.returncode == 1 and "usage" in p.stderr
 
 
-@pytest.mark.parametrize("name", ["ablation_schedule", "ablation_cooldown", "ablation_math"])
+@pytest.mark.parametrize("name", ["ablation_schedule", "ablation_cooldown", "ablation_math", "ablation_branches"])
 def test_the_shipped_ablations_are_valid_train_configs(name):
     # each run's arguments pass train.py's own configurator (its keys, types and exclusive options)
     from plan import train_config
     spec = sweep.load_sweep(os.path.join(ROOT, "configs", f"{name}.py"))
     todo = sweep.runs(spec)
-    assert len(todo) == 6 and len({d for _, _, d, _ in todo}) == 6  # 2 variants x 3 seeds, each its own out_dir
-    for _, seed, _, args in todo:
+    assert len({d for _, _, d, _ in todo}) == len(todo) == 3 * len(spec["variants"])  # 3 seeds, each its own out_dir
+    for variant, seed, _, args in todo:
         cfg = train_config(args)
-        assert cfg["seed"] == seed and cfg["max_steps"] == 1100 and cfg["time_budget"] == 0
+        assert cfg["seed"] == seed
+        if cfg["decay_from"]:  # a cooldown branch of the same seed's stable run: its length comes from there
+            assert f"/stable/seed{seed}/ckpt_" in cfg["decay_from"] and cfg["decay_steps"] > 0
+        else:
+            assert cfg["max_steps"] <= 1100 and cfg["time_budget"] == 0
+
+
+def test_compare_pairs_chosen_variants():
+    # runs as report.load_run gives them, without checkpoints (no eval_tasks): the bpb table and the chosen pairs only
+    def fake(bpb):
+        return dict(path="x", name="x", config={}, log="", train=[], evals=[{"step": 10, "val_bpb": bpb}])
+    sweep_runs = {"branch": {1: fake(1.30), 2: fake(1.31), 3: fake(1.315)},
+                  "separate": {1: fake(1.30), 2: fake(1.32), 3: fake(1.31)},
+                  "long": {1: fake(1.10), 2: fake(1.11), 3: fake(1.12)}}
+    lines, verdicts, ranked = compare.compare(sweep_runs, pairs=[("branch", "separate")])
+    assert ranked == ["long", "branch", "separate"] and len(lines) == 5
+    assert len(verdicts) == 1 and verdicts[0].startswith("branch vs separate, val bpb: no significant difference")
+    lines, verdicts, _ = compare.compare(sweep_runs)  # each against the best
+    assert [v.split(",")[0] for v in verdicts] == ["branch vs long", "separate vs long"]
+    assert all("is worse by" in v for v in verdicts)
