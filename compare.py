@@ -16,13 +16,13 @@ What it reads and computes:
 - one line per pair: which is better and by how much, or "no significant difference" when the interval holds 0;
 - curves.png: each variant's validation bpb and training loss, the mean over its seeds, the seeds' range shaded.
 """
-import math
 import os
 import re
 import sys
 
 import numpy as np
 
+from eval import mean_stderr
 from report import fail, load_run, series
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -72,12 +72,8 @@ def item_scores(run):
 
 def t_interval(diffs):
     # mean and 95% half-width of paired differences (Student's t); None where there is one pair
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:
-        return mean, None
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    return mean, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    mean, se = mean_stderr(diffs)
+    return mean, (T975.get(len(diffs) - 1, 1.96) * se if len(diffs) > 1 else None)
 
 
 def bootstrap(a, b, seed=0):
@@ -119,10 +115,11 @@ def compare(sweep, baseline=None, pairs=None):
         if name not in sweep:
             fail(f"{name!r} is not a variant here ({', '.join(variants)})")
 
-    def cell(values):  # mean ± stderr over seeds
-        m = sum(values) / len(values)
-        se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
-        return f"{m:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+    def cell(values):  # mean ± stderr
+        if not values:
+            return "-"
+        m, se = mean_stderr(values)
+        return f"{m:.4f}" + (f" ± {se:.4f}" if len(values) > 1 else "")
 
     head = ["variant", "seeds", "val bpb", *(f"bpb {s}" for s in sources), *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -131,9 +128,7 @@ def compare(sweep, baseline=None, pairs=None):
         row = [v, str(len(seeds)), cell([bpb[v][s]["all"] for s in seeds])]
         row += [cell([bpb[v][s][src] for s in seeds]) for src in sources]
         for m in metrics:
-            flat = [x for s in seeds for x in items[v][s].get(m, [])]
-            se = float(np.std(flat, ddof=1) / math.sqrt(len(flat))) if len(flat) > 1 else float("nan")
-            row.append(f"{np.mean(flat):.4f} ± {se:.4f}" if flat else "-")
+            row.append(cell([x for s in seeds for x in items[v][s].get(m, [])]))  # over items and seeds
         lines.append("| " + " | ".join(row) + " |")
     verdicts = []
     for v, ref in pairs:

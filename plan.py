@@ -93,6 +93,26 @@ def gpu_paths(device_type):
         model_lib.CPU_PATHS = saved
 
 
+def train_steps(model, opt, x, n_micro, autocast, grad_clip, steps, sharded=False, after_backward=None):
+    # train.py's optimizer steps, as the plan traces them (fake tensors) and measure runs them (real ones). Two micro
+    # steps stand for any number: the second holds the first's gradients (FSDP: unsharded, unsynced), later ones add
+    # nothing new.
+    for _ in range(steps):
+        micro = min(n_micro, 2)
+        for m in range(micro):
+            if sharded:
+                model.set_requires_gradient_sync(m == micro - 1)
+            with autocast:
+                loss = model(x, x)[1] / n_micro
+            loss.backward()
+            if after_backward:
+                after_backward()
+        if grad_clip > 0 and not sharded:  # (FSDP's clip: a scalar all-reduce of per-shard norms, no memory)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def trace(gcfg, B, T, n_micro, world, fsdp, checkpointing, dtype, device_type, grad_clip):
     # -> {column: bytes at the peak} of one rank, traced over two optimizer steps on fake tensors
     import torch.distributed as dist
@@ -127,20 +147,9 @@ def trace(gcfg, B, T, n_micro, world, fsdp, checkpointing, dtype, device_type, g
             tracker.track_external(model, opt)
         x = torch.randint(0, gcfg.vocab_size, (B, T))
         autocast = torch.autocast("cpu", dtype=ptdtype, enabled=ptdtype != torch.float32)
-        with tracker:
-            for _ in range(2):  # the first step creates AdamW's state, the second runs with it
-                micro = min(n_micro, 2)  # a second micro step holds the first's gradients (FSDP: unsharded, unsynced)
-                for m in range(micro):
-                    if sharded:
-                        model.set_requires_gradient_sync(m == micro - 1)
-                    with autocast:
-                        loss = model(x, x)[1] / n_micro
-                    loss.backward()
-                    tracker.reset_mod_stats()  # per-module statistics only; the peak stays
-                if grad_clip > 0 and not sharded:  # (FSDP's clip: a scalar all-reduce of per-shard norms, no memory)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        with tracker:  # two steps: the first creates AdamW's state, the second runs with it; after each backward
+            # the per-module statistics are reset (the peak stays)
+            train_steps(model, opt, x, n_micro, autocast, grad_clip, 2, sharded, after_backward=tracker.reset_mod_stats)
         peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     if sharded:
         dist.destroy_process_group()
@@ -221,6 +230,7 @@ sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, fixed: freed tensors leave the resident set
 import torch
 import plan
+from runtime import peak_resident_bytes
 from model import GPT, GPTConfig
 cfg = {dict(cfg)!r}
 gcfg = plan.model_config(cfg)
@@ -233,15 +243,8 @@ def run(g, B, T, steps):
     model.train()
     opt = model.configure_optimizers(0.01, 1e-3, device_type=dev)
     x = torch.randint(0, g.vocab_size, (B, T), device=dev)
-    for _ in range(steps):
-        for m in range(min(n_micro, 2)):
-            with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
-                loss = model(x, x)[1] / n_micro
-            loss.backward()
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    autocast = torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32)
+    plan.train_steps(model, opt, x, n_micro, autocast, cfg["grad_clip"], steps)
 run(GPTConfig(**{{**gcfg.__dict__, "n_layer": 1}}), 1, 16, 2)  # the libraries' first use, not counted
 if dev == "cuda":
     torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
@@ -251,8 +254,7 @@ else:  # the resident set's high-water mark, reset first: getrusage's would incl
         f.write("5")
     base = int(open("/proc/self/statm").read().split()[1]) * 4096
     run(gcfg, B, T, {steps})
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(int(hwm.split()[1]) * 1024 - base)
+    print(peak_resident_bytes() - base)
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if p.returncode != 0:

@@ -31,6 +31,18 @@ def pick_device(local_rank=0):
     return "cpu", "no CUDA GPU and no Apple MPS backend in this torch"
 
 
+
+def peak_resident_bytes():
+    # this process's own high-water mark of resident memory: getrusage's also holds its parent's, inherited at exec
+    # (torchrun's, pytest's)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration):  # not Linux: ru_maxrss (bytes on macOS, KiB elsewhere)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+
+
 @dataclass
 class Runtime:
     ddp: bool            # several processes (torchrun): gradients and statistics are reduced across them
@@ -129,11 +141,7 @@ class Runtime:
         # peak allocated by PyTorch on the GPU; on the CPU the process's peak resident set
         if self.device_type == "cuda":
             return torch.cuda.max_memory_allocated() / 2**30
-        try:  # this process's own high-water mark: getrusage's also holds its parent's, inherited at exec (torchrun's)
-            with open("/proc/self/status") as f:
-                return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
-        except (OSError, StopIteration):
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return peak_resident_bytes() / 2**30
 
     def end(self, code=0):
         # the run's last call. Every rank waits for the others first (rank 0 writes the last checkpoint), so none tears

@@ -116,6 +116,9 @@ def isolation_error():
     return _probe[0]
 
 
+_warned = []
+
+
 def require_isolation(allow_unsafe=False):
     # -> whether to isolate. Raises SandboxError (one line: why, and the two ways on) where isolation is unavailable
     # and the user has not allowed unsafe execution.
@@ -125,8 +128,9 @@ def require_isolation(allow_unsafe=False):
                            f"user namespaces (sysctl user.max_user_namespaces=10000, kernel.unprivileged_userns_clone=1 "
                            f"where it exists; Docker: --security-opt seccomp=unconfined), or run eval.py "
                            f"with --allow_unsafe_exec=True to run it with resource limits only")
-    if why:
+    if why and not _warned:  # once per process: eval.py asks before loading the model and again for each code task
         print(f"warning: running model-written code without isolation ({why})", file=sys.stderr)
+        _warned.append(why)
     return not why
 
 

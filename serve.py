@@ -254,7 +254,7 @@ def build_app(model, tok, name, worker):
             return error(BadRequest(str(e), "messages" if chat else "prompt"))
         max_new = min(opts["max_tokens"], model.config.block_size - len(ids))  # the default fits what is left
         req = Generation(ids, max_new, opts["temperature"], 0, opts["top_p"], opts["seed"], tuple(opts["stop"]))
-        job = Job(req, asyncio.get_running_loop())
+        job = Job(req, loop)
         worker.submit(job)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{next(counter)}-{os.getpid()}"
         kind = "chat.completion" if chat else "text_completion"

@@ -149,3 +149,9 @@ def test_refused_where_isolation_is_unavailable():
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: running model-written code needs isolation") and "--allow_unsafe_exec=True" in line
     assert "loaded" not in r.stderr and time.perf_counter() - t0 < 60  # refused before the model was opened
+    # allowed: eval.py asks before opening the model and again per code task; the user is warned once
+    twice = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c",
+                            "import sandbox; print(sandbox.require_isolation(True), sandbox.require_isolation(True))"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert twice.stdout.split() == ["False", "False"], twice.stdout
+    assert twice.stderr.count("warning: running model-written code without isolation") == 1, twice.stderr

@@ -135,8 +135,8 @@ for preset in presets:
             print0(f"{head} error: {type(e).__name__}: {str(e)[:80]} | | | |")
 if parallel != "none":
     if device == "cpu":
-        # gloo's threads can abort a finished process in its teardown (SIGABRT: "terminate called without an active
-        # exception", seen in CI), which would fail the dry run that checks this script: a CPU run leaves without it
+        # as runtime.Runtime.end (this script keeps no Runtime): gloo's teardown can abort a finished process
+        # (SIGABRT, seen in CI), which would fail the dry run that checks this script, so a CPU run leaves without it
         dist.barrier()
         sys.stdout.flush()
         os._exit(0)
