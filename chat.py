@@ -21,7 +21,8 @@ import os
 import numpy as np
 import torch
 
-from data import HEADER_BYTES, KIND_MASK, best_fit, open_tokens, read_header
+from data import best_fit
+from tokenfiles import HEADER_BYTES, KIND_MASK, open_tokens, read_header
 from rows import DataError
 
 ROLES = ("system", "user", "assistant")

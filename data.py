@@ -1,23 +1,16 @@
 """
-nanosmol data: the checked uint16 token files and MixtureLoader, which mixes them by stage while training.
+nanosmol data: MixtureLoader, which mixes the sources of a data directory by stage while training.
 
 SmolLM2's central idea is the data mixture and how it changes by stage (shared/REFERENCE.md §3): web, code and math
-sources are prepared once (prepare.py), and the trainer reads them at weights that change at given token counts.
+sources are prepared once (prepare.py; tokenfiles.py has their format), and the trainer reads them at weights that
+change at given token counts.
 
     loader = MixtureLoader("data_cache/mix", block_size=2048, batch_size=16, stages=stages, rank=r, world_size=W)
     x, y = loader.next_batch()    # int64 (B, T); y is x shifted by one token
     # doc_ids=True: x, y, doc = loader.next_batch(); doc (B, T) int32 numbers the documents of each window (from the
-    # .idx files), for attention within documents (documents.Documents)
-
-On disk (all integers little-endian), as prepare.py writes it:
-    DIR/tokenizer.json (+ configs)       the tokenizer every source was encoded with
-    DIR/NAME/train.bin, val.bin          1024-byte header, then uint16 tokens; every document ends with <|endoftext|>
-    DIR/NAME/train.idx, val.idx          1024-byte header, then uint64 document start offsets (n_docs + 1 of them)
-    DIR/NAME/meta.json                   the summary; written last, so a source without it is incomplete
+    # token files' document index), for attention within documents (documents.Documents)
 """
-import json
 import math
-import os
 import sys
 import zlib
 from bisect import bisect_left, insort
@@ -27,85 +20,10 @@ import numpy as np
 import torch
 
 from rows import DataError
+from tokenfiles import check_data_dir, list_sources, source_shards
 
 # -----------------------------------------------------------------------------
-# token file format
-
-MAGIC = int.from_bytes(b"nanosmol", "little")  # first 8 bytes of every .bin/.idx file
-VERSION = 1
-HEADER_BYTES = 1024   # header = 128 int64 fields; fields 16..31 (bytes 128..255) hold the tokenizer identity string
-KIND_TOKENS, KIND_INDEX, KIND_MASK = 1, 2, 3  # KIND_MASK: chat data's per-token loss mask (chat.py)
-
-
-def _hint(cmd):
-    return f"\n---> HINT: re-run {cmd}" if cmd else "\n---> HINT: re-run python prepare.py ... for this source"
-
-
-def make_header(kind, n_items, itemsize, n_tokens, n_docs, vocab_size, eos_id, identity):
-    h = np.zeros(HEADER_BYTES // 8, dtype="<i8")
-    h[:9] = [MAGIC, VERSION, kind, n_items, itemsize, n_tokens, n_docs, vocab_size, eos_id]
-    ident = identity.encode()[:127]
-    raw = bytearray(h.tobytes())
-    raw[128:128 + len(ident)] = ident
-    return bytes(raw)
-
-
-def read_header(path, cmd=None):
-    """Reads and checks a .bin/.idx header against the file's size. Returns a dict."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: missing" + _hint(cmd))
-    with open(path, "rb") as f:
-        raw = f.read(HEADER_BYTES)
-    if len(raw) < HEADER_BYTES or int(np.frombuffer(raw[:8], "<i8")[0]) != MAGIC:
-        raise DataError(f"{path}: not a nanosmol token file (bad magic number)" + _hint(cmd))
-    h = np.frombuffer(raw, "<i8")
-    if h[1] != VERSION:
-        raise DataError(f"{path}: format version {h[1]}, this data.py reads version {VERSION}" + _hint(cmd))
-    hd = dict(kind=int(h[2]), n_items=int(h[3]), itemsize=int(h[4]), n_tokens=int(h[5]), n_docs=int(h[6]),
-              vocab_size=int(h[7]), eos_id=int(h[8]), identity=raw[128:256].rstrip(b"\0").decode())
-    size, want = os.path.getsize(path), HEADER_BYTES + hd["n_items"] * hd["itemsize"]
-    if size != want:
-        raise DataError(f"{path}: {size} bytes, but its header promises {want} ({hd['n_items']} items of "
-                        f"{hd['itemsize']} bytes): truncated or corrupt" + _hint(cmd))
-    if hd["kind"] == KIND_TOKENS and (hd["itemsize"] != 2 or hd["vocab_size"] > 65536):
-        raise DataError(f"{path}: tokens must be uint16 with a vocabulary of at most 65536" + _hint(cmd))
-    return hd
-
-
-class TokenWriter:
-    """Streams a token file (.bin) and its document index (.idx) to temporary names; finish() renames them into place.
-    An interrupted run leaves only *.tmp<pid> files, which nothing reads (the pid keeps two concurrent runs apart)."""
-
-    def __init__(self, path_stem, vocab_size, eos_id, identity):
-        self.stem, self.meta, self.tmp = path_stem, (vocab_size, eos_id, identity), f".tmp{os.getpid()}"
-        self.fb, self.fi = open(path_stem + ".bin" + self.tmp, "wb"), open(path_stem + ".idx" + self.tmp, "wb")
-        self.fb.write(b"\0" * HEADER_BYTES)  # placeholder; a zero magic never validates
-        self.fi.write(b"\0" * HEADER_BYTES)
-        self.n_tokens, self.n_docs = 0, 0
-        self.fi.write(np.zeros(1, "<u8").tobytes())  # offset of the first document
-
-    def add(self, flat, lens):  # flat: uint16 tokens of several documents; lens: their lengths (EOS included)
-        self.fb.write(flat.tobytes())
-        self.fi.write((self.n_tokens + np.cumsum(lens, dtype=np.int64)).astype("<u8").tobytes())
-        self.n_tokens += len(flat)
-        self.n_docs += len(lens)
-
-    def finish(self):
-        v, e, ident = self.meta
-        for f, kind, n, isz in ((self.fb, KIND_TOKENS, self.n_tokens, 2), (self.fi, KIND_INDEX, self.n_docs + 1, 8)):
-            f.seek(0)
-            f.write(make_header(kind, n, isz, self.n_tokens, self.n_docs, v, e, ident))
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        os.replace(self.stem + ".bin" + self.tmp, self.stem + ".bin")
-        os.replace(self.stem + ".idx" + self.tmp, self.stem + ".idx")
-
-    def abort(self):
-        for f, suffix in ((self.fb, ".bin" + self.tmp), (self.fi, ".idx" + self.tmp)):
-            f.close()
-            if os.path.exists(self.stem + suffix):
-                os.remove(self.stem + suffix)
+# packing and windows
 
 def best_fit(lengths, order, capacity):
     """Bin packing, best fit: documents (indices, in `order`) into rows of `capacity` tokens, each into the row with the
@@ -125,83 +43,13 @@ def best_fit(lengths, order, capacity):
     return rows
 
 
-# -----------------------------------------------------------------------------
-# reading a data directory
-
-
-def list_sources(data_dir):
-    """The complete sources of data_dir (those whose meta.json exists), sorted."""
-    if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir}: no such data directory\n---> HINT: python prepare.py --out {data_dir} ... "
-                        f"(or python prepare.py --preset quickstart)")
-    return sorted(n for n in os.listdir(data_dir) if os.path.exists(os.path.join(data_dir, n, "meta.json")))
-
-
-def check_data_dir(data_dir, names=None):
-    """Checks the files of the named sources (default: all): headers, sizes, one tokenizer for all. Returns
-    {name: meta}."""
-    available = list_sources(data_dir)
-    names = available if names is None else names
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise DataError(f"unknown source(s) {unknown} in {data_dir}; available: {available} (a source appears when "
-                        f"python prepare.py ... --source NAME=PATH has finished)")
-    metas, ident = {}, None
-    for n in names:
-        with open(os.path.join(data_dir, n, "meta.json")) as f:
-            meta = json.load(f)
-        cmd = meta.get("command")
-        for split in ("train", "val"):
-            hb = read_header(os.path.join(data_dir, n, f"{split}.bin"), cmd)
-            hi = read_header(os.path.join(data_dir, n, f"{split}.idx"), cmd)
-            if hb["identity"] != meta["tokenizer"] or hi["identity"] != meta["tokenizer"]:
-                raise DataError(f"{data_dir}/{n}/{split}.bin: tokenizer {hb['identity']} in the header, "
-                                f"{meta['tokenizer']} in meta.json" + _hint(cmd))
-            want = meta["n_tokens" if split == "train" else "val_tokens"]
-            if not (hb["kind"] == KIND_TOKENS and hi["kind"] == KIND_INDEX and hb["n_tokens"] == hi["n_tokens"] == want
-                    and hb["n_docs"] == hi["n_docs"] and hi["n_items"] == hb["n_docs"] + 1):
-                raise DataError(f"{data_dir}/{n}/{split}.*: headers disagree with each other or with meta.json "
-                                f"(mixed files from different runs?)" + _hint(cmd))
-        if ident is not None and meta["tokenizer"] != ident:
-            raise DataError(f"{data_dir}: sources were tokenized with different tokenizers ({ident} and "
-                            f"{meta['tokenizer']} in {n}); re-prepare them with one tokenizer" + _hint(cmd))
-        ident = meta["tokenizer"]
-        metas[n] = meta
-    return metas
-
-
-def check_tokens(data_dir):
-    """check_data_dir, plus a scan of every token id against the vocabulary; prints one line per source."""
-    metas = check_data_dir(data_dir)
-    if not metas:
-        raise DataError(f"{data_dir}: no prepared sources in it")
-    for n, m in metas.items():
-        for split in ("train", "val"):
-            toks = open_tokens(os.path.join(data_dir, n, f"{split}.bin"))
-            for a in range(0, len(toks), 1 << 26):  # 128 MB at a time
-                top = int(toks[a:a + (1 << 26)].max(initial=0))
-                if top >= m["vocab_size"]:
-                    raise DataError(f"{data_dir}/{n}/{split}.bin: token id {top} >= vocabulary {m['vocab_size']}: "
-                                    f"corrupt" + _hint(m.get("command")))
-        print(f"{n:>16s}: {m['n_tokens']:>15,} train tokens in {m['n_docs']:>12,} documents, {m['val_tokens']:,} val "
-              f"tokens, {m.get('bytes_per_token', 0):.2f} bytes/token, tokenizer {m['tokenizer']}")
-    print(f"{data_dir}: {len(metas)} sources OK")
-    return metas
-
-
-def open_tokens(path):
-    hd = read_header(path)
-    # a plain ndarray view of the memmap: slicing it is several times cheaper than slicing np.memmap
-    arr = np.memmap(path, dtype="<u2" if hd["itemsize"] == 2 else "<u8", mode="r", offset=HEADER_BYTES,
-                    shape=(hd["n_items"],)).view(np.ndarray)
-    return arr
-
-
-def mark_docs(doc_starts, a, first):
-    # first[t] = whether a document of the token file starts at token a + t (doc_starts: the .idx's sorted starts)
-    lo, hi = np.searchsorted(doc_starts, [a, a + len(first)])
+def mark_docs(ends, a, first):
+    # first[t] = whether a document of a token array starts at its token a + t (ends: the array's sorted document ends;
+    # a document starts at 0 and at every end but the last)
+    lo, hi = np.searchsorted(ends, [a, a + len(first)])
     first[:] = False
-    first[(doc_starts[lo:hi] - a).astype(np.int64)] = True
+    first[(ends[lo:hi] - a).astype(np.int64)] = True
+    first[0] |= a == 0
 
 
 def doc_numbers(first):
@@ -228,20 +76,36 @@ class _Source:
 
     def __init__(self, data_dir, name, seed, chunk_tokens, shuffle_tokens):
         self.name, self.shuffle_tokens = name, shuffle_tokens
-        self.tokens = open_tokens(os.path.join(data_dir, name, "train.bin"))
-        self.n = len(self.tokens)
-        doc_starts = open_tokens(os.path.join(data_dir, name, "train.idx"))[:-1]  # uint64 memmap, never loaded whole
-        self.doc_starts = doc_starts
-        # chunk k starts at the first document boundary at or after k * step (long documents stay whole). At most
-        # MAX_CHUNKS chunks, so a trillion-token source keeps its per-epoch tables small (~16 MB) with coarser chunks.
+        # the source's token arrays (one, or a datatrove folder's shards) as one stream: memmaps, never loaded whole
+        self.shards = source_shards(data_dir, name, "train")
+        sizes = [len(t) for t, _ in self.shards]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)  # each shard's first token
+        self.n = int(sum(sizes))
+        # chunk k of a shard starts at its first document start at or after k * step (long documents stay whole; no
+        # chunk spans two shards). At most ~MAX_CHUNKS chunks, so a trillion-token source keeps its per-epoch tables
+        # small (~16 MB) with coarser chunks.
         step = max(chunk_tokens, -(-self.n // self.MAX_CHUNKS))
-        k = np.searchsorted(doc_starts, np.arange(0, self.n, step, dtype=np.uint64))
-        cuts = np.unique(doc_starts[np.minimum(k, len(doc_starts) - 1)].astype(np.int64))
-        self.chunk_start = cuts
-        self.chunk_len = np.diff(np.append(cuts, self.n))
+        cuts = []
+        for off, (toks, ends) in zip(self.offsets.tolist(), self.shards):
+            t = np.arange(0, len(toks), step, dtype=np.uint64)
+            k = np.minimum(np.searchsorted(ends[:-1], t) + (t > 0), len(ends) - 1)  # index of the first start >= t
+            starts = np.where(k == 0, 0, ends[np.maximum(k, 1) - 1]).astype(np.int64)  # start k is end k - 1
+            cuts.append(off + np.unique(starts))
+        self.chunk_start = np.concatenate(cuts)
+        self.chunk_len = np.diff(np.append(self.chunk_start, self.n))
         self.seed_key = (seed, zlib.crc32(name.encode()))
         self._tables, self._perms = {}, {}
         self._lo = self._hi = self._base = 0  # the chunk the last read ended in: stream positions [lo, hi) at token base
+
+    def _copy(self, a, out, first=None):
+        # out[:] = tokens a .. a + len(out) of the concatenated shards, a range inside one chunk (so one shard); first
+        # (optional): where documents begin
+        f = int(self.offsets.searchsorted(a, side="right")) - 1 if len(self.shards) > 1 else 0
+        toks, ends = self.shards[f]
+        a -= int(self.offsets[f])
+        out[:] = toks[a:a + len(out)]
+        if first is not None:
+            mark_docs(ends, a, first)
 
     def _table(self, epoch):  # (start token of each chunk in read order, cumulative lengths), cached for two epochs
         t = self._tables.get(epoch)
@@ -302,9 +166,7 @@ class _Source:
             a = cstart[k] + q[sel] - cum[k]
             for i, r, ai, f in zip(sel.tolist(), rows[sel].tolist(), a.tolist(), fits.tolist()):
                 if f:  # slices: cheaper than one fancy-indexed gather of every token
-                    buf[r] = self.tokens[ai:ai + length]
-                    if first is not None:
-                        mark_docs(self.doc_starts, ai, first[r])
+                    self._copy(ai, buf[r], None if first is None else first[r])
                 else:
                     slow.append(i)
         for i in slow:                                     # across a chunk edge (or an epoch's end)
@@ -313,10 +175,7 @@ class _Source:
     def read(self, pos, out, first=None):  # out[:] = stream[pos : pos + len(out)]; first: as gather's
         length = len(out)
         if self._lo <= pos and pos + length <= self._hi:  # most windows lie inside the chunk the last one ended in
-            a = self._base + pos - self._lo
-            out[:] = self.tokens[a:a + length]
-            if first is not None:
-                mark_docs(self.doc_starts, a, first)
+            self._copy(self._base + pos - self._lo, out, first)
             return
         filled = 0
         while filled < length:
@@ -325,10 +184,8 @@ class _Source:
             k = int(cum.searchsorted(q, side="right")) - 1
             self._lo, self._hi, self._base = epoch * self.n + int(cum[k]), epoch * self.n + int(cum[k + 1]), int(starts[k])
             take = min(self._hi - pos, length - filled)
-            a = self._base + pos - self._lo
-            out[filled:filled + take] = self.tokens[a:a + take]
-            if first is not None:  # a chunk begins with a document: the index has its start too
-                mark_docs(self.doc_starts, a, first[filled:filled + take])
+            self._copy(self._base + pos - self._lo, out[filled:filled + take],  # a chunk begins with a document
+                       None if first is None else first[filled:filled + take])
             filled += take
             pos += take
 
@@ -511,8 +368,7 @@ class MixtureLoader:
         if source not in self.sources:
             raise DataError(f"unknown source '{source}'; this loader has {self.sources}")
         T, B, W = self.block_size, self.batch_size, self.world_size
-        toks = open_tokens(os.path.join(self.data_dir, source, "val.bin"))
-        doc_starts = open_tokens(os.path.join(self.data_dir, source, "val.idx"))[:-1] if self.doc_ids else None
+        (toks, ends), = source_shards(self.data_dir, source, "val", self.metas[source])
         n_win = (len(toks) - 1) // T
         if n_win < 1:
             raise DataError(f"source '{source}': val split has {len(toks)} tokens, fewer than one block of {T} + 1; "
@@ -531,7 +387,7 @@ class MixtureLoader:
             if self.doc_ids:
                 first = np.empty((B, T), dtype=bool)
                 for r, wr in enumerate(w.tolist()):
-                    mark_docs(doc_starts, wr * T, first[r])
+                    mark_docs(ends, wr * T, first[r])
                 batch += (doc_numbers(first),)
             out.append(batch)
         return out

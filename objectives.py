@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import chat
 import corpus
 import data
+import tokenfiles
 from checkpoint import open_model
 from documents import Documents
 
@@ -136,7 +137,7 @@ class Pretrain(Objective):
         if not self.cfg["doc_masking"]:
             return 0
         try:
-            metas = data.check_data_dir(self.cfg["data_dir"]).values()
+            metas = tokenfiles.check_data_dir(self.cfg["data_dir"]).values()
         except data.DataError:
             return 0  # the loader, built next, says what is wrong
         return sum(m["n_tokens"] for m in metas) / max(1, sum(m["n_docs"] for m in metas))

@@ -9,7 +9,8 @@ over all cores, streaming, deterministic; one sub-directory per source.
     python prepare.py --check data_cache/mix               # verify headers, sizes and every token id; a line per source
 
 A source is a file, a directory or a glob of .txt/.md/.py (one document per file), .jsonl/.jsonl.gz (one JSON object
-per line, --text_field) or .parquet (a text column).
+per line, --text_field) or .parquet (a text column); or a folder of datatrove's tokenized shards (*.ds, from its
+DocumentTokenizer with eos_token="<|endoftext|>" and this --tokenizer), which is checked and read in place, not copied.
 """
 import argparse
 import glob
@@ -24,7 +25,8 @@ import tokenizers
 
 import chat
 import corpus
-from data import HEADER_BYTES, KIND_MASK, TokenWriter, check_data_dir, check_tokens, make_header
+from tokenfiles import (HEADER_BYTES, KIND_MASK, TokenWriter, check_data_dir, check_tokens, datatrove_shards, make_header,
+                        register_datatrove)
 from rows import DataError, doc_text, file_kind, iter_documents, iter_rows, resolve_files
 from tokenizer import Tokenizer, smollm2_gguf_path
 
@@ -243,7 +245,11 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
     for name in sources:
         if not name or not name.replace("_", "").replace("-", "").isalnum():
             raise DataError(f"source name '{name}': use letters, digits, '-' and '_' (it names a directory)")
-    files = {name: resolve_files(spec) for name, spec in sources.items()}
+    folders = {name: spec for name, spec in sources.items() if datatrove_shards(spec)}  # tokenized already: in place
+    if folders and train_vocab:
+        raise DataError(f"--source {next(iter(folders))}={next(iter(folders.values()))} is a datatrove folder, tokenized "
+                        f"already: give the tokenizer it was tokenized with (--tokenizer), not --train_tokenizer")
+    files = {name: resolve_files(spec) for name, spec in sources.items() if name not in folders}
     for name, (fs, skipped) in files.items():
         if skipped:
             print(f"{name}: skipping {skipped} files of unsupported types in {sources[name]}")
@@ -254,7 +260,8 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
                 yield doc_text(doc)
     tok, tok_path = _setup_tokenizer(out_dir, tokenizer, train_vocab, all_docs, replacing=set(sources))
     workers = workers or os.cpu_count() or 1
-    metas = {}
+    metas = {name: register_datatrove(out_dir, name, folder, tok, val_frac, val_tokens, cmd)
+             for name, folder in folders.items()}
     for name, (fs, _) in files.items():
         total = sum(os.path.getsize(p) for p in fs)
         metas[name] = prepare_source(name, iter_documents(fs, text_field), total, out_dir, tok, tok_path, workers,

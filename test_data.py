@@ -11,6 +11,7 @@ import torch
 
 import corpus
 import data
+import tokenfiles
 import prepare
 
 R = 21845  # token range per synthetic source (3 sources fit uint16)
@@ -25,7 +26,7 @@ def make_dir(root, sizes, ident="synthetic-tok", seed=0, val_tokens=3000):
             lens = []
             while sum(lens) < m:  # random document lengths, so chunks of whole documents vary in size
                 lens.append(min(int(rng.integers(1, 300)), m - sum(lens)))
-            w = data.TokenWriter(str(root / name / split), 65536, 0, ident)
+            w = tokenfiles.TokenWriter(str(root / name / split), 65536, 0, ident)
             w.add(toks, np.array(lens))
             w.finish()
         meta = dict(name=name, n_tokens=n, val_tokens=val_tokens, vocab_size=65536, tokenizer=ident, command="test")
@@ -139,7 +140,7 @@ def test_windows_shuffled_across_the_source(tmp_path):
     os.makedirs(d / "s")
     n, T, B, W = 60000, 16, 4, 2
     for split, m in (("train", n), ("val", 3000)):
-        w = data.TokenWriter(str(d / "s" / split), 65536, 0, "synthetic-tok")
+        w = tokenfiles.TokenWriter(str(d / "s" / split), 65536, 0, "synthetic-tok")
         w.add(np.arange(m, dtype=np.uint16), np.array([m // 3, m // 3, m - 2 * (m // 3)]))
         w.finish()
     (d / "s" / "meta.json").write_text(json.dumps(dict(n_tokens=n, val_tokens=3000, vocab_size=65536,
@@ -222,7 +223,7 @@ def test_epoch_wraparound(tmp_path):
     ep = l.epochs()
     assert 2.5 <= ep["a"] < 2.6 and 0.3 < ep["b"] < 0.5
     src = l._src[0]                                             # chunks: whole documents, ~chunk_tokens each
-    starts = set(data.open_tokens(os.path.join(d, "a", "train.idx"))[:-1].tolist())
+    starts = set(tokenfiles.open_tokens(os.path.join(d, "a", "train.idx"))[:-1].tolist())
     assert set(src.chunk_start.tolist()) <= starts and src.chunk_len.sum() == 3000 and len(src.chunk_start) >= 8
 
 
@@ -248,7 +249,7 @@ def test_document_numbers_follow_the_index(tmp_path):
     d = make_dir(tmp_path, {"a": 3000, "b": 20000}, val_tokens=5000)
     kw = dict(block_size=40, batch_size=6, stages=[{"start": 0, "weights": {"a": 0.5, "b": 0.5}}], chunk_tokens=256)
     plain, docs = data.MixtureLoader(d, **kw), data.MixtureLoader(d, doc_ids=True, **kw)
-    starts = {n: {s: set(data.open_tokens(os.path.join(d, n, f"{s}.idx"))[:-1].tolist()) for s in ("train", "val")}
+    starts = {n: {s: set(tokenfiles.open_tokens(os.path.join(d, n, f"{s}.idx"))[:-1].tolist()) for s in ("train", "val")}
               for n in ("a", "b")}
 
     def check(x, doc, split):
@@ -330,8 +331,8 @@ def write_sources(root):
 
 
 def read_docs(d, name, split):
-    toks = data.open_tokens(os.path.join(d, name, f"{split}.bin")).astype(np.int64)
-    offs = data.open_tokens(os.path.join(d, name, f"{split}.idx")).astype(np.int64)
+    toks = tokenfiles.open_tokens(os.path.join(d, name, f"{split}.bin")).astype(np.int64)
+    offs = tokenfiles.open_tokens(os.path.join(d, name, f"{split}.idx")).astype(np.int64)
     return [toks[a:b] for a, b in zip(offs[:-1], offs[1:])]
 
 
@@ -468,7 +469,7 @@ def test_prepare_fast_path_identical_to_tokenizers(tmp_path):
     for f in ("train.bin", "train.idx", "val.bin", "val.idx"):
         a, b = (open(os.path.join(o, "s", f), "rb").read() for o in outs)
         assert a == b, f
-    n = len(data.open_tokens(os.path.join(outs[0], "s", "train.bin")))
+    n = len(tokenfiles.open_tokens(os.path.join(outs[0], "s", "train.bin")))
     assert n > 200_000
 
 
@@ -534,12 +535,12 @@ def test_cli_and_tokenizer_conflicts(tmp_path):
     assert open(os.path.join(out, "tokenizer.json")).read() == before
     prepare.prepare(out, {"js": str(tmp_path / "a.jsonl")}, train_vocab=280, workers=1)  # re-preparing all of it is fine
     assert data.MixtureLoader(out, 8, 2).vocab_size == 280
-    data.check_tokens(out)
+    tokenfiles.check_tokens(out)
     with open(os.path.join(out, "js", "train.bin"), "r+b") as f:  # a flipped token: headers and sizes still agree
-        f.seek(data.HEADER_BYTES + 10)
+        f.seek(tokenfiles.HEADER_BYTES + 10)
         f.write(np.uint16(60000).tobytes())
     with pytest.raises(data.DataError, match="token id 60000 >= vocabulary 280"):
-        data.check_tokens(out)
+        tokenfiles.check_tokens(out)
 
 
 @pytest.mark.parametrize("weights", [[0.9, 0.1], [0.75, 0.2, 0.05], [1, 2, 3, 4, 5, 6, 7], [0.123457, 0.5, 0.376543]])

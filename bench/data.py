@@ -22,6 +22,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the
 
 def bench_loader(tmp):
     import data
+    import tokenfiles
     rng = np.random.default_rng(0)
     sizes = {"web": 60_000_000, "code": 20_000_000, "math": 5_000_000}
     for name, n in sizes.items():  # random tokens in random-length documents (~600 tokens mean)
@@ -30,7 +31,7 @@ def bench_loader(tmp):
             lens = rng.integers(1, 1200, size=m // 300)
             lens = lens[:np.searchsorted(np.cumsum(lens), m)]
             lens = np.append(lens, m - lens.sum())
-            w = data.TokenWriter(os.path.join(tmp, name, split), 49152, 0, "bench")
+            w = tokenfiles.TokenWriter(os.path.join(tmp, name, split), 49152, 0, "bench")
             w.add(rng.integers(0, 49152, size=m, dtype=np.uint16), lens)
             w.finish()
         with open(os.path.join(tmp, name, "meta.json"), "w") as f:
