@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from data import best_fit
-from tokenfiles import HEADER_BYTES, KIND_MASK, open_tokens, read_header
-from rows import DataError
+from rows import DataError, file_kind, iter_rows, resolve_files
+from tokenfiles import HEADER_BYTES, KIND_MASK, TokenWriter, make_header, open_tokens, read_header
+from tokenizer import load_tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -265,3 +266,130 @@ class PairLoader:
         self.epoch, self.pos = sd["epoch"], sd["pos"]
         self._order = self._perm(self.epoch)
 
+
+# -----------------------------------------------------------------------------
+# preparing chat data (prepare.py --chat): rows read, rendered with the chat template in parallel, split, written
+
+
+def _chat_files(sources):
+    # a source's files (a file, a directory, a glob), chat formats only; NAME=PATH is accepted too
+    out = []
+    for s in sources:
+        s = s.partition("=")[2] if "=" in s and not os.path.exists(s) else s
+        files = resolve_files(s)[0]
+        other = [f for f in files if file_kind(f) not in ("jsonl", "parquet")]
+        if other:
+            raise DataError(f"{other[0]}: chat data must be .jsonl, .jsonl.gz or .parquet")
+        out += files
+    return out
+
+
+_chat_tok = None
+
+
+def _init_chat_worker(tok_path):
+    global _chat_tok
+    _chat_tok = load_tokenizer(tok_path)
+
+
+def _render_chunk(args):
+    kind, max_len, truncate, items = args
+    out = []
+    for where, row in items:
+        try:
+            if isinstance(row, Exception):
+                raise ValueError(f"not valid JSON ({row})")
+            seqs = (render_sft if kind == "sft" else render_dpo)(_chat_tok, row)
+        except (ValueError, TypeError, AttributeError) as e:
+            out.append((where, "skip", str(e)))
+            continue
+        if max(len(ids) for ids, _ in seqs) > max_len:
+            if not truncate:
+                out.append((where, "long", None))
+                continue
+            seqs = [(ids[:max_len], mask[:max_len]) for ids, mask in seqs]
+            if not all(any(m) for _, m in seqs):
+                out.append((where, "long", None))  # truncation left no trained token
+                continue
+            out.append((where, "cut", seqs))
+            continue
+        out.append((where, "ok", seqs))
+    return out
+
+
+def prepare_chat(out_dir, sources, kind, tokenizer, max_len=2048, truncate=False, workers=None, val_frac=0.01,
+                 max_val=1000, cmd=None):
+    """Render every row of `sources` with `tokenizer`'s chat template into out_dir (see the module docstring).
+    Conversations longer than max_len tokens are dropped (truncate=True: cut, if a trained token remains); rows
+    that are not valid conversations are skipped; both are counted and reported, and a few named."""
+    from multiprocessing import get_context
+    if kind not in ("sft", "dpo"):
+        raise DataError(f"--chat {kind}: must be sft or dpo")
+    files = _chat_files(sources)
+    tok = load_tokenizer(tokenizer)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(out_dir)
+    tok_json = os.path.join(out_dir, "tokenizer.json")
+    workers = workers or len(os.sched_getaffinity(0))
+    every = max(1, round(1 / val_frac)) if val_frac > 0 else 0
+    writers = {s: (TokenWriter(os.path.join(out_dir, s), tok.vocab_size, tok.eos_id or 0, tok.identity),
+                   open(os.path.join(out_dir, s + ".mask.tmp"), "wb")) for s in ("train", "val")}
+    for _, fm in writers.values():
+        fm.write(b"\0" * HEADER_BYTES)
+    counts = dict(kept=0, train=0, val=0, long=0, cut=0, skip=0, tokens=0, trained=0)
+    examples = []
+
+    def chunks():
+        buf = []
+        for path in files:
+            for line, row in iter_rows(path):
+                buf.append((f"{path}:{line}", row))
+                if len(buf) == 256:
+                    yield (kind, max_len, truncate, buf)
+                    buf = []
+        if buf:
+            yield (kind, max_len, truncate, buf)
+
+    ctx = get_context("fork")
+    with ctx.Pool(workers, initializer=_init_chat_worker, initargs=(tok_json,)) as pool:
+        for res in pool.imap(_render_chunk, chunks()):
+            for where, status, seqs in res:
+                if status in ("skip", "long"):
+                    counts[status] += 1
+                    if status == "skip" and len(examples) < 5:
+                        examples.append(f"{where}: {seqs}")
+                    continue
+                counts["cut"] += status == "cut"
+                split = "val" if every and counts["kept"] % every == 0 and counts["val"] < max_val else "train"
+                counts["kept"] += 1
+                counts[split] += 1
+                w, fm = writers[split]
+                flat = np.array([t for ids, _ in seqs for t in ids], dtype="<u2")
+                w.add(flat, [len(ids) for ids, _ in seqs])
+                fm.write(np.array([m for _, mask in seqs for m in mask], dtype=np.uint8).tobytes())
+                counts["tokens"] += len(flat)
+                counts["trained"] += sum(sum(mask) for _, mask in seqs)
+    if counts["train"] == 0 or counts["val"] == 0:
+        for w, fm in writers.values():
+            w.abort()
+            fm.close()
+        raise DataError(f"{out_dir}: {counts['kept']} usable rows ({counts['skip']} skipped, {counts['long']} longer "
+                        f"than max_len={max_len}); need at least one for train and one for val"
+                        + "".join(f"\n  {e}" for e in examples))
+    for split, (w, fm) in writers.items():
+        n = w.n_tokens
+        w.finish()
+        fm.seek(0)
+        fm.write(make_header(KIND_MASK, n, 1, n, w.n_docs, tok.vocab_size, tok.eos_id or 0, tok.identity))
+        fm.close()
+        os.replace(os.path.join(out_dir, split + ".mask.tmp"), os.path.join(out_dir, split + ".mask"))
+    meta = dict(kind=kind, tokenizer=tok.identity, max_len=max_len, truncate=truncate, files=files, command=cmd,
+                **counts)
+    with open(os.path.join(out_dir, "chat.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    what = "conversations" if kind == "sft" else "pairs"
+    print(f"{out_dir}: {counts['train']:,} train + {counts['val']:,} val {what}, {counts['tokens']:,} tokens "
+          f"({counts['trained']:,} trained); dropped {counts['long']:,} longer than {max_len} tokens"
+          + (f", cut {counts['cut']:,}" if truncate else " (--truncate keeps them cut)")
+          + f"; skipped {counts['skip']:,} invalid rows" + "".join(f"\n  {e}" for e in examples))
+    return meta

@@ -25,10 +25,9 @@ import tokenizers
 
 import chat
 import corpus
-from tokenfiles import (HEADER_BYTES, KIND_MASK, TokenWriter, check_data_dir, check_tokens, datatrove_shards, make_header,
-                        register_datatrove)
-from rows import DataError, doc_text, file_kind, iter_documents, iter_rows, resolve_files
-from tokenizer import Tokenizer, smollm2_gguf_path
+from rows import DataError, doc_text, iter_documents, resolve_files
+from tokenfiles import TokenWriter, check_data_dir, check_tokens, datatrove_shards, register_datatrove
+from tokenizer import load_tokenizer, smollm2_gguf_path
 
 EOT = "<|endoftext|>"  # appended after every document, as SmolLM2's pretraining tokenization does (no BOS)
 # SmolLM2's 17 special tokens, in id order (REFERENCE.md §2); a tokenizer trained here puts them first so <|endoftext|> = 0
@@ -38,13 +37,6 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", 
 
 # -----------------------------------------------------------------------------
 # tokenizers
-
-
-def load_tokenizer(path):
-    try:  # tokenizer.json, HF directory or GGUF; picks the proven tiktoken fast path
-        return Tokenizer.from_file(path)
-    except (OSError, ValueError) as e:  # tokenizer.py's messages say what to pass instead
-        raise DataError(f"tokenizer {path}: {e}") from None
 
 
 def train_tokenizer(doc_iter, vocab_size, out_path):
@@ -269,134 +261,6 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
     return metas
 
 
-# -----------------------------------------------------------------------------
-# chat data (chat.py's format): rows read, rendered with the chat template in parallel, split, written
-
-
-def _chat_files(sources):
-    # a source's files (a file, a directory, a glob), chat formats only; NAME=PATH is accepted too
-    out = []
-    for s in sources:
-        s = s.partition("=")[2] if "=" in s and not os.path.exists(s) else s
-        files = resolve_files(s)[0]
-        other = [f for f in files if file_kind(f) not in ("jsonl", "parquet")]
-        if other:
-            raise DataError(f"{other[0]}: chat data must be .jsonl, .jsonl.gz or .parquet")
-        out += files
-    return out
-
-
-_chat_tok = None
-
-
-def _init_chat_worker(tok_path):
-    global _chat_tok
-    _chat_tok = load_tokenizer(tok_path)
-
-
-def _render_chunk(args):
-    kind, max_len, truncate, items = args
-    out = []
-    for where, row in items:
-        try:
-            if isinstance(row, Exception):
-                raise ValueError(f"not valid JSON ({row})")
-            seqs = (chat.render_sft if kind == "sft" else chat.render_dpo)(_chat_tok, row)
-        except (ValueError, TypeError, AttributeError) as e:
-            out.append((where, "skip", str(e)))
-            continue
-        if max(len(ids) for ids, _ in seqs) > max_len:
-            if not truncate:
-                out.append((where, "long", None))
-                continue
-            seqs = [(ids[:max_len], mask[:max_len]) for ids, mask in seqs]
-            if not all(any(m) for _, m in seqs):
-                out.append((where, "long", None))  # truncation left no trained token
-                continue
-            out.append((where, "cut", seqs))
-            continue
-        out.append((where, "ok", seqs))
-    return out
-
-
-def prepare_chat(out_dir, sources, kind, tokenizer, max_len=2048, truncate=False, workers=None, val_frac=0.01,
-                 max_val=1000, cmd=None):
-    """Render every row of `sources` with `tokenizer`'s chat template into out_dir (see the module docstring).
-    Conversations longer than max_len tokens are dropped (truncate=True: cut, if a trained token remains); rows
-    that are not valid conversations are skipped; both are counted and reported, and a few named."""
-    from multiprocessing import get_context
-    if kind not in ("sft", "dpo"):
-        raise DataError(f"--chat {kind}: must be sft or dpo")
-    files = _chat_files(sources)
-    tok = load_tokenizer(tokenizer)
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(out_dir)
-    tok_json = os.path.join(out_dir, "tokenizer.json")
-    workers = workers or len(os.sched_getaffinity(0))
-    every = max(1, round(1 / val_frac)) if val_frac > 0 else 0
-    writers = {s: (TokenWriter(os.path.join(out_dir, s), tok.vocab_size, tok.eos_id or 0, tok.identity),
-                   open(os.path.join(out_dir, s + ".mask.tmp"), "wb")) for s in ("train", "val")}
-    for _, fm in writers.values():
-        fm.write(b"\0" * HEADER_BYTES)
-    counts = dict(kept=0, train=0, val=0, long=0, cut=0, skip=0, tokens=0, trained=0)
-    examples = []
-
-    def chunks():
-        buf = []
-        for path in files:
-            for line, row in iter_rows(path):
-                buf.append((f"{path}:{line}", row))
-                if len(buf) == 256:
-                    yield (kind, max_len, truncate, buf)
-                    buf = []
-        if buf:
-            yield (kind, max_len, truncate, buf)
-
-    ctx = get_context("fork")
-    with ctx.Pool(workers, initializer=_init_chat_worker, initargs=(tok_json,)) as pool:
-        for res in pool.imap(_render_chunk, chunks()):
-            for where, status, seqs in res:
-                if status in ("skip", "long"):
-                    counts[status] += 1
-                    if status == "skip" and len(examples) < 5:
-                        examples.append(f"{where}: {seqs}")
-                    continue
-                counts["cut"] += status == "cut"
-                split = "val" if every and counts["kept"] % every == 0 and counts["val"] < max_val else "train"
-                counts["kept"] += 1
-                counts[split] += 1
-                w, fm = writers[split]
-                flat = np.array([t for ids, _ in seqs for t in ids], dtype="<u2")
-                w.add(flat, [len(ids) for ids, _ in seqs])
-                fm.write(np.array([m for _, mask in seqs for m in mask], dtype=np.uint8).tobytes())
-                counts["tokens"] += len(flat)
-                counts["trained"] += sum(sum(mask) for _, mask in seqs)
-    if counts["train"] == 0 or counts["val"] == 0:
-        for w, fm in writers.values():
-            w.abort()
-            fm.close()
-        raise DataError(f"{out_dir}: {counts['kept']} usable rows ({counts['skip']} skipped, {counts['long']} longer "
-                        f"than max_len={max_len}); need at least one for train and one for val"
-                        + "".join(f"\n  {e}" for e in examples))
-    for split, (w, fm) in writers.items():
-        n = w.n_tokens
-        w.finish()
-        fm.seek(0)
-        fm.write(make_header(KIND_MASK, n, 1, n, w.n_docs, tok.vocab_size, tok.eos_id or 0, tok.identity))
-        fm.close()
-        os.replace(os.path.join(out_dir, split + ".mask.tmp"), os.path.join(out_dir, split + ".mask"))
-    meta = dict(kind=kind, tokenizer=tok.identity, max_len=max_len, truncate=truncate, files=files, command=cmd,
-                **counts)
-    with open(os.path.join(out_dir, "chat.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    what = "conversations" if kind == "sft" else "pairs"
-    print(f"{out_dir}: {counts['train']:,} train + {counts['val']:,} val {what}, {counts['tokens']:,} tokens "
-          f"({counts['trained']:,} trained); dropped {counts['long']:,} longer than {max_len} tokens"
-          + (f", cut {counts['cut']:,}" if truncate else " (--truncate keeps them cut)")
-          + f"; skipped {counts['skip']:,} invalid rows" + "".join(f"\n  {e}" for e in examples))
-    return meta
-
-
 CHAT_DEMO_DIR = os.path.join("data_cache", "chat_demo")
 
 
@@ -424,7 +288,7 @@ def prepare_chat_demo(out_dir=None, n_sft=4000, n_dpo=2000, n_test=200, workers=
         for q, a, w in corpus.chat_demo(n_test, 2):
             f.write(json.dumps({"question": q, "answer": a, "wrong": w}) + "\n")
     for kind in ("sft", "dpo"):
-        prepare_chat(os.path.join(out_dir, kind), [os.path.join(raw, f"{kind}.jsonl")], kind, tok, max_len=256,
+        chat.prepare_chat(os.path.join(out_dir, kind), [os.path.join(raw, f"{kind}.jsonl")], kind, tok, max_len=256,
                           workers=workers, val_frac=0.05, cmd="python prepare.py --preset chat_demo")
     return out_dir
 
@@ -520,7 +384,7 @@ def main(argv=None):
         if a.chat:
             if not a.tokenizer:
                 p.error("--chat needs --tokenizer (a tokenizer.json, HF directory or .gguf with a chat template)")
-            prepare_chat(a.out, a.source, a.chat, a.tokenizer, a.max_len, a.truncate, a.workers or None,
+            chat.prepare_chat(a.out, a.source, a.chat, a.tokenizer, a.max_len, a.truncate, a.workers or None,
                               a.val_frac, cmd=f"python {prog} " + " ".join(sys.argv[1:] if argv is None else argv))
             return 0
         sources = {}

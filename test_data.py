@@ -12,6 +12,7 @@ import torch
 import corpus
 import data
 import tokenfiles
+import tokenizer
 import prepare
 
 R = 21845  # token range per synthetic source (3 sources fit uint16)
@@ -342,7 +343,7 @@ def test_prepare_formats_roundtrip_and_determinism(tmp_path):
     out1, out2 = str(tmp_path / "out1"), str(tmp_path / "out2")
     metas = prepare.prepare(out1, srcs, train_vocab=400, workers=2, val_frac=0.25)
     prepare.prepare(out2, srcs, tokenizer=os.path.join(out1, "tokenizer.json"), workers=1, val_frac=0.25)
-    tok = prepare.load_tokenizer(out1)
+    tok = tokenizer.load_tokenizer(out1)
     assert tok.token_to_id("<|endoftext|>") == 0 and tok.vocab_size == 400
     for name, n_docs in (("docs", 6), ("js", len(TEXTS)), ("pq", len(TEXTS))):
         for f in ("train.bin", "train.idx", "val.bin", "val.idx"):   # 2 processes == 1 process, byte for byte
@@ -407,7 +408,7 @@ def test_prepare_errors(tmp_path):
 def test_interrupted_prepare_leaves_nothing_complete(tmp_path):
     tj = str(tmp_path / "tok.json")
     prepare.train_tokenizer(iter(TEXTS), 300, tj)
-    tok = prepare.load_tokenizer(tj)
+    tok = tokenizer.load_tokenizer(tj)
     out = str(tmp_path / "out")
 
     def docs():
@@ -489,7 +490,7 @@ def test_quickstart_preset_builds_once(tmp_path, monkeypatch):
     l = data.MixtureLoader(out, block_size=64, batch_size=4,
                            stages=[{"start": 0, "weights": {"code": 0.5, "prose": 0.3, "math": 0.2}}])
     x, y = l.next_batch()
-    tok = prepare.load_tokenizer(out)
+    tok = tokenizer.load_tokenizer(out)
     text = tok.decode(l.val_batches("math", 1)[0][0][0].tolist())
     assert "Problem:" in text or "Solution:" in text or "Answer:" in text
     with open(os.path.join(out, "code", "train.bin"), "ab") as f:  # a damaged file: the next call rebuilds

@@ -50,7 +50,7 @@ def test_prepare_sft_counts_drops_and_names_skipped_rows(tmp_path, capsys):
             '{"messages": [',                                          # not JSON
             {"messages": conv("Bye", "Goodbye.")}]
     src = write_jsonl(tmp_path / "chat.jsonl", rows)
-    meta = prepare.prepare_chat(str(tmp_path / "sft"), [src], "sft", GGUF, max_len=128, workers=1, val_frac=0.34)
+    meta = chat.prepare_chat(str(tmp_path / "sft"), [src], "sft", GGUF, max_len=128, workers=1, val_frac=0.34)
     out = capsys.readouterr().out
     assert (meta["kept"], meta["long"], meta["skip"]) == (3, 1, 4)
     assert "dropped 1 longer than 128 tokens" in out and "skipped 4 invalid rows" in out
@@ -64,7 +64,7 @@ def test_prepare_sft_counts_drops_and_names_skipped_rows(tmp_path, capsys):
     kept = [rows[1]["messages"], rows[7]["messages"]]  # row 0 went to val (every 3rd kept row, from the first)
     assert seqs == [tok.render_chat(m) for m in kept]
     # --truncate keeps the long one, cut, with its trained tokens up to the cut
-    meta = prepare.prepare_chat(str(tmp_path / "cut"), [src], "sft", GGUF, max_len=128, truncate=True, workers=1,
+    meta = chat.prepare_chat(str(tmp_path / "cut"), [src], "sft", GGUF, max_len=128, truncate=True, workers=1,
                              val_frac=0.34)
     assert (meta["kept"], meta["cut"], meta["long"]) == (4, 1, 0)
 
@@ -75,7 +75,7 @@ def test_prepare_dpo_masks_only_the_last_response(tmp_path):
             {"chosen": conv("Q3", "a"), "rejected": conv("Q3-other", "b")},  # prompts differ: skipped
             {"chosen": conv("x", "first") + conv("y", "second"), "rejected": conv("x", "first") + conv("y", "other")}]
     src = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    meta = prepare.prepare_chat(str(tmp_path / "dpo"), [src], "dpo", GGUF, max_len=256, workers=1, val_frac=0.34)
+    meta = chat.prepare_chat(str(tmp_path / "dpo"), [src], "dpo", GGUF, max_len=256, workers=1, val_frac=0.34)
     assert (meta["kept"], meta["skip"]) == (3, 1)
     loader = chat.PairLoader(str(tmp_path / "dpo"), batch_pairs=2)
     x, y, idx = loader.batch("train", [0, 1])

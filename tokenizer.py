@@ -202,6 +202,15 @@ def _read_hf_config(directory):
     return config
 
 
+def load_tokenizer(path):
+    # Tokenizer.from_file for preparing data: a tokenizer.json, an HF directory or a GGUF; a bad path is a DataError
+    from rows import DataError
+    try:  # (tokenizer.py's messages say what to pass instead)
+        return Tokenizer.from_file(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"tokenizer {path}: {e}") from None
+
+
 class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None, fast: bool | None = None):

@@ -51,7 +51,7 @@ def dpo_pairs_dir(work):
         for q, a, w in corpus.chat_demo(9, 1):
             f.write(json.dumps({"chosen": conv(q, a), "rejected": conv(q, w)}) + "\n")
     out = os.path.join(work, "dpo")
-    prepare.prepare_chat(out, [raw], "dpo", hf_dir(), max_len=256, workers=1, val_frac=0.1)
+    chat.prepare_chat(out, [raw], "dpo", hf_dir(), max_len=256, workers=1, val_frac=0.1)
     return out
 
 
