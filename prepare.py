@@ -7,6 +7,8 @@ over all cores, streaming, deterministic; one sub-directory per source.
     python prepare.py --out data_cache/mix --train_tokenizer 16384 --source ...   # a new byte-level BPE, SmolLM-style
     python prepare.py --preset quickstart                                        # the offline corpus (corpus.py), ~20 s
     python prepare.py --check data_cache/mix               # verify headers, sizes and every token id; a line per source
+    python prepare.py --out D --tokenizer T --source web=/data/fineweb-edu --filter="int_score>=3" --task=3/64
+    python prepare.py --out D --merge                      # after the 64 tasks (or sbatch --array=0-63 ... --task=64)
 
 A source is a file, a directory or a glob of .txt/.md/.py (one document per file), .jsonl/.jsonl.gz (one JSON object
 per line, --text_field) or .parquet (a text column); or a folder of datatrove's tokenized shards (*.ds, from its
@@ -16,6 +18,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -25,8 +28,8 @@ import tokenizers
 
 import chat
 import corpus
-from rows import DataError, doc_text, iter_documents, resolve_files
-from tokenfiles import TokenWriter, check_data_dir, check_tokens, datatrove_shards, register_datatrove
+from rows import DataError, doc_text, file_kind, iter_documents, parquet_file, parse_filter, resolve_files
+from tokenfiles import TokenWriter, check_data_dir, check_tokens, datatrove_shards, register_datatrove, source_shards
 from tokenizer import load_tokenizer, smollm2_gguf_path
 
 EOT = "<|endoftext|>"  # appended after every document, as SmolLM2's pretraining tokenization does (no BOS)
@@ -79,7 +82,7 @@ def _init_worker(tok, tok_path, threads):
 
 
 def _encode_docs(docs):
-    texts = [t for t in map(doc_text, docs) if t.strip()]  # empty documents are dropped
+    texts = [t for t in map(doc_text, docs) if t and t.strip()]  # empty (and filtered) documents are dropped
     ids = _worker_tok.encode_batch(texts, num_threads=_worker_threads)
     lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     flat = np.empty(int(lens.sum()), dtype=np.int64)
@@ -106,7 +109,7 @@ def _batches(docs, max_chars=1 << 20, max_docs=1024):  # ~1 MB of text per task:
 
 
 def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val_frac=0.01, val_tokens=1_048_576,
-                   cmd=None, extra=None):
+                   cmd=None, extra=None, part=False):
     """Tokenizes one source into out_dir/name/{train,val}.{bin,idx} + meta.json. docs yields (text, input bytes).
     Documents go to val at a fixed stride (every round(1/val_frac)-th, starting with the first) until val holds
     val_tokens: a fixed, deterministic held-out set whose size does not grow with the corpus."""
@@ -166,10 +169,10 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
             _init_worker(tok, tok_path, None)  # in this process, with the tokenizer's own threads
             for batch, nbytes in _batches(docs):
                 consume(_encode_docs(batch), nbytes)
-        if train.n_docs == 0:
+        if train.n_docs == 0 and not part:  # (a task's part may be empty: the merge checks the whole)
             raise DataError(f"source '{name}': empty source, no non-empty documents"
                             + (" for training (all went to val: it needs at least 2 documents)" if val.n_docs else ""))
-        if stride and val.n_docs == 0:
+        if stride and val.n_docs == 0 and not part:
             raise DataError(f"source '{name}': no documents for the validation split; add documents or raise "
                             f"--val_frac")
         train.finish()
@@ -196,7 +199,7 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
     return meta
 
 
-def _setup_tokenizer(out_dir, tokenizer_path=None, train_vocab=None, train_docs=None, replacing=()):
+def _setup_tokenizer(out_dir, tokenizer_path=None, train_vocab=None, train_docs=None, replacing=(), save=True):
     """Puts the tokenizer next to the data (out_dir/tokenizer.json) after checking that it is the one every source
     already there (other than those in `replacing`) was encoded with."""
     os.makedirs(out_dir, exist_ok=True)
@@ -221,7 +224,7 @@ def _setup_tokenizer(out_dir, tokenizer_path=None, train_vocab=None, train_docs=
                                 f"--out, or re-prepare that source too")
         if train_vocab:
             os.replace(new, tj)
-        else:
+        elif save:  # (a task does not: the tasks of a job array would race; each part has it, the merge saves it)
             tok.save(out_dir)  # so a data directory is self-describing: load_tokenizer(out_dir)
     finally:
         if os.path.exists(new):
@@ -230,17 +233,23 @@ def _setup_tokenizer(out_dir, tokenizer_path=None, train_vocab=None, train_docs=
 
 
 def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, text_field="text", val_frac=0.01,
-            val_tokens=1_048_576, cmd=None):
-    """sources: {name: path spec}. Returns {name: meta}."""
+            val_tokens=1_048_576, cmd=None, filters=(), task=None):
+    """sources: {name: path spec}; filters: parse_filter's (column, op, value), rows that fail one are left out; task:
+    (i, n) prepares part i of n of each source (its files, or row groups of .parquet files, i, i + n, ...) into
+    out_dir/NAME/part-i-of-n, for merge(). Returns {name: meta}."""
     if (tokenizer is None) == (train_vocab is None):
         raise DataError("give exactly one of --tokenizer TOK (tokenizer.json, HF dir or .gguf) or --train_tokenizer VOCAB")
+    if task and train_vocab:
+        raise DataError("--task: every task must use one tokenizer: train it first (prepare.py --train_tokenizer VOCAB "
+                        "on a sample), then give each task --tokenizer DIR/tokenizer.json")
     for name in sources:
         if not name or not name.replace("_", "").replace("-", "").isalnum():
             raise DataError(f"source name '{name}': use letters, digits, '-' and '_' (it names a directory)")
     folders = {name: spec for name, spec in sources.items() if datatrove_shards(spec)}  # tokenized already: in place
-    if folders and train_vocab:
+    if folders and (train_vocab or task or filters):
         raise DataError(f"--source {next(iter(folders))}={next(iter(folders.values()))} is a datatrove folder, tokenized "
-                        f"already: give the tokenizer it was tokenized with (--tokenizer), not --train_tokenizer")
+                        f"already: give the tokenizer it was tokenized with (--tokenizer), and no --train_tokenizer, "
+                        f"--task or --filter (datatrove's own pipeline filters and splits it)")
     files = {name: resolve_files(spec) for name, spec in sources.items() if name not in folders}
     for name, (fs, skipped) in files.items():
         if skipped:
@@ -248,16 +257,118 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
 
     def all_docs():
         for fs, _ in files.values():
-            for doc, _ in iter_documents(fs, text_field):
-                yield doc_text(doc)
-    tok, tok_path = _setup_tokenizer(out_dir, tokenizer, train_vocab, all_docs, replacing=set(sources))
+            for doc, _ in iter_documents(fs, text_field, filters):
+                text = doc_text(doc)
+                if text:
+                    yield text
+    tok, tok_path = _setup_tokenizer(out_dir, tokenizer, train_vocab, all_docs, replacing=set(sources), save=not task)
     workers = workers or os.cpu_count() or 1
     metas = {name: register_datatrove(out_dir, name, folder, tok, val_frac, val_tokens, cmd)
              for name, folder in folders.items()}
     for name, (fs, _) in files.items():
-        total = sum(os.path.getsize(p) for p in fs)
-        metas[name] = prepare_source(name, iter_documents(fs, text_field), total, out_dir, tok, tok_path, workers,
-                                     val_frac, val_tokens, cmd, extra=dict(source=sources[name], files=len(fs)))
+        extra = dict(source=sources[name], files=len(fs), filters=[f"{c}{op}{v!r}" for c, op, v in filters])
+        if not task:
+            units = [(p, os.path.getsize(p)) for p in fs]
+            metas[name] = prepare_source(name, iter_documents([u for u, _ in units], text_field, filters),
+                                         sum(b for _, b in units), out_dir, tok, tok_path, workers, val_frac,
+                                         val_tokens, cmd, extra)
+            continue
+        i, n = task
+        units = work_units(fs)[i::n]
+        part = os.path.join(out_dir, name, part_name(i, n))
+        os.makedirs(part, exist_ok=True)
+        tok.save(part)
+        metas[name] = prepare_source(part_name(i, n), iter_documents([u for u, _ in units], text_field, filters),
+                                     sum(b for _, b in units), os.path.join(out_dir, name), tok, tok_path, workers,
+                                     val_frac, max(1, val_tokens // n), cmd, dict(extra, task=f"{i}/{n}"), part=True)
+    return metas
+
+
+# -----------------------------------------------------------------------------
+# preparation as N independent tasks (a Slurm job array), then one merge
+
+
+def parse_task(spec):
+    # "I/N" -> (I, N); "N" -> (SLURM_ARRAY_TASK_ID, N), counted from the array's first index
+    i, sep, n = spec.rpartition("/")
+    if not sep and "SLURM_ARRAY_TASK_ID" in os.environ:
+        i = str(int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0)))
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise DataError(f"--task={spec}: expected I/N with 0 <= I < N (e.g. --task=3/64), or N inside a Slurm job "
+                        f"array (sbatch --array=0-63 ... --task=64)")
+    return int(i), int(n)
+
+
+def part_name(i, n):
+    return f"part-{i:05d}-of-{n:05d}"
+
+
+def work_units(files):
+    # a source's units of work for --task: each file, or each row group of a .parquet file -> [(unit, bytes)]
+    out = []
+    for path in files:
+        if file_kind(path) != "parquet":
+            out.append((path, os.path.getsize(path)))
+            continue
+        md = parquet_file(path).metadata
+        out += [((path, [g]), os.path.getsize(path) * md.row_group(g).num_rows / max(1, md.num_rows))
+                for g in range(md.num_row_groups)]
+    return out
+
+
+def merge(out_dir):
+    """Each source of out_dir that was prepared in tasks becomes one source: every part present and complete, their
+    headers checked against their meta.json, one tokenizer; the training parts stay where they are (read in place, in
+    order), the validation documents are gathered into NAME/val.*, meta.json is written last. -> {name: meta}"""
+    metas = {}
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        d = os.path.join(out_dir, name)
+        found = [re.fullmatch(r"part-(\d+)-of-(\d+)", p) for p in sorted(os.listdir(d))] if os.path.isdir(d) else []
+        counts = {int(m.group(2)) for m in found if m}
+        if not counts:
+            continue
+        if len(counts) > 1:
+            raise DataError(f"{d}: parts of {sorted(counts)} tasks; keep the parts of one run (delete the others)")
+        n = counts.pop()
+        missing = [i for i in range(n) if not os.path.exists(os.path.join(d, part_name(i, n), "meta.json"))]
+        if missing:
+            raise DataError(f"{d}: {len(missing)} of {n} tasks have not finished (--task={missing[0]}/{n}"
+                            f"{' and others' if len(missing) > 1 else ''}); run them, then --merge again")
+        parts = check_data_dir(d)  # every part's files against its meta.json, one tokenizer for all
+        first = next(iter(parts.values()))
+        if os.path.exists(os.path.join(d, "meta.json")):
+            os.remove(os.path.join(d, "meta.json"))  # incomplete until rewritten
+        val = TokenWriter(os.path.join(d, "val"), first["vocab_size"], first["eos_id"], first["tokenizer"])
+        try:
+            for p in parts:
+                (toks, ends), = source_shards(d, p, "val", parts[p])
+                if len(ends):
+                    val.add(np.asarray(toks), np.diff(np.concatenate([[0], ends.astype(np.int64)])))
+            val.finish()
+        except BaseException:
+            val.abort()
+            raise
+        total = lambda key: sum(m[key] for m in parts.values())  # noqa: E731
+        meta = dict(name=name, format="parts", parts=[p for p in parts if parts[p]["n_docs"]], n_docs=total("n_docs"),
+                    n_tokens=total("n_tokens"), val_docs=val.n_docs, val_tokens=val.n_tokens,
+                    text_bytes=total("text_bytes"), input_bytes=total("input_bytes"),
+                    bytes_per_token=round(total("text_bytes") / max(1, total("n_tokens") + total("val_tokens")), 3),
+                    seconds=round(total("seconds"), 2), vocab_size=first["vocab_size"], eos_id=first["eos_id"],
+                    tokenizer=first["tokenizer"], command=first["command"], source=first.get("source"), tasks=n,
+                    filters=first.get("filters", []))
+        if meta["n_docs"] == 0 or meta["val_docs"] == 0:
+            raise DataError(f"{d}: the {n} parts hold {meta['n_docs']} training and {meta['val_docs']} validation "
+                            f"documents; a source needs both")
+        with open(os.path.join(d, f"meta.json.tmp{os.getpid()}"), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(os.path.join(d, f"meta.json.tmp{os.getpid()}"), os.path.join(d, "meta.json"))
+        metas[name] = meta
+        print(f"{name}: {n} parts merged: {meta['n_docs'] + meta['val_docs']:,} documents, {meta['n_tokens']:,} "
+              f"training tokens read in place, {meta['val_tokens']:,} validation tokens gathered", flush=True)
+    if not metas:
+        raise DataError(f"{out_dir}: no source prepared in tasks (NAME/part-I-of-N) to merge")
+    _setup_tokenizer(out_dir, os.path.join(out_dir, next(iter(metas)), part_name(0, metas[next(iter(metas))]["tasks"])),
+                     replacing=set(metas))
     return metas
 
 
@@ -370,11 +481,22 @@ def main(argv=None):
                    "rows with the tokenizer's chat template, with loss masks (chat.py)")
     p.add_argument("--max_len", type=int, default=2048, help="--chat: conversations longer than this are dropped...")
     p.add_argument("--truncate", action="store_true", help="--chat: ... or cut to max_len instead")
+    p.add_argument("--filter", action="append", default=[], metavar="COL>=VALUE",
+                   help="keep only rows whose column passes (>= <= == != > <; repeat: all must pass), e.g. int_score>=3")
+    p.add_argument("--task", metavar="I/N", help="prepare part I of N of every source (its files, or a .parquet file's "
+                   "row groups, I, I+N, ...); N alone takes I from SLURM_ARRAY_TASK_ID. Then --merge")
+    p.add_argument("--merge", action="store_true", help="merge the finished parts of every source of --out into one")
     p.add_argument("--check", metavar="DIR", help="verify a data directory (headers, sizes, every token id) instead")
     a = p.parse_args(argv)
     try:
         if a.check:
             check_tokens(a.check)
+            return 0
+        if a.merge:
+            if not a.out or a.source or a.task:
+                p.error("--merge takes --out DIR only (after every --task has finished)")
+            merge(a.out)
+            check_tokens(a.out)
             return 0
         if a.preset:
             prepare_preset(a.preset, a.out, workers=a.workers or None)
@@ -396,7 +518,8 @@ def main(argv=None):
                 p.error(f"--source {name} given twice")
             sources[name] = path
         prepare(a.out, sources, a.tokenizer, a.train_tokenizer, a.workers or None, a.text_field, a.val_frac,
-                a.val_tokens, cmd=f"python {prog} " + " ".join(sys.argv[1:] if argv is None else argv))
+                a.val_tokens, cmd=f"python {prog} " + " ".join(sys.argv[1:] if argv is None else argv),
+                filters=[parse_filter(f) for f in a.filter], task=a.task and parse_task(a.task))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@ eval.py for task files). The bottom floor: it imports nothing of nanosmol.
 
     files, skipped = resolve_files("/data/fineweb/*.parquet")   # a file, a directory or a glob -> sorted paths
     for doc, nbytes in iter_documents(files, "text"): ...     # documents (text) for tokenizing
+    iter_documents(files, "text", [parse_filter("int_score>=3")])  # rows whose columns pass every filter
     for line, row in iter_rows("tasks.jsonl"): ...            # whole rows (dicts) of .jsonl / .jsonl.gz / .json / .parquet
 
 A source is .txt/.md/.py (one document per file), .jsonl/.jsonl.gz (one JSON object per line, a text field) or
@@ -12,7 +13,9 @@ A source is .txt/.md/.py (one document per file), .jsonl/.jsonl.gz (one JSON obj
 import glob
 import gzip
 import json
+import operator
 import os
+import re
 
 TEXT_EXTS = (".txt", ".md", ".py")  # one document per file
 
@@ -72,22 +75,59 @@ def resolve_files(spec):
     return files, skipped
 
 
-def _read_jsonl(path, field):
-    # yields the raw lines: the JSON is parsed in the worker processes (doc_text), so one reader keeps up with many
+def _read_jsonl(path, field, filters):
+    # yields the raw lines: the JSON is parsed (and filtered) in the worker processes (doc_text), so one reader keeps
+    # up with many
     with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
         raw = f.fileobj if isinstance(f, gzip.GzipFile) else f  # progress in bytes of the file on disk
         last = 0
         for lineno, line in enumerate(f, 1):
             pos = raw.tell()
             if line.strip():
-                yield (line, path, lineno, field), pos - last
+                yield (line, path, lineno, field, filters), pos - last
                 last = pos
 
 
-def doc_text(doc):  # a document is its text, or a .jsonl line still to parse: (line, path, lineno, field)
+FILTER_OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
+
+
+def parse_filter(spec):
+    """'int_score>=3' -> (column, op, value): the value is JSON where it reads as JSON (3, 0.5, true, "en"), else the
+    text itself (en)."""
+    m = re.fullmatch(r"\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|!=|>|<)\s*(.*?)\s*", spec)
+    if not m or not m.group(3):
+        raise DataError(f"--filter {spec!r}: expected COLUMN OP VALUE, OP one of {' '.join(FILTER_OPS)} (e.g. "
+                        f"--filter='int_score>=3' for FineWeb-Edu's educational score)")
+    col, op, raw = m.groups()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw.strip("'")
+    return col, op, value
+
+
+def passes(row, filters, where):
+    # whether the row's columns pass every filter; a missing value (null) passes none
+    for col, op, value in filters:
+        if col not in row:
+            raise DataError(f"{where}: no column '{col}' to filter on (columns: {sorted(row)[:20]})")
+        if row[col] is None:
+            return False
+        try:
+            if not FILTER_OPS[op](row[col], value):
+                return False
+        except TypeError:
+            raise DataError(f"{where}: --filter {col}{op}{value!r} compares {type(row[col]).__name__} values with a "
+                            f"{type(value).__name__}; write the value as the column holds it (quoted for text)") from None
+    return True
+
+
+def doc_text(doc):
+    # a document is its text, or a .jsonl line still to parse: (line, path, lineno, field, filters) -> None where the
+    # row does not pass the filters
     if isinstance(doc, str):
         return doc
-    line, path, lineno, field = doc
+    line, path, lineno, field, filters = doc
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -96,13 +136,15 @@ def doc_text(doc):  # a document is its text, or a .jsonl line still to parse: (
         keys = sorted(obj)[:20] if isinstance(obj, dict) else type(obj).__name__
         raise DataError(f"{path}:{lineno}: missing text field '{field}' (found: {keys}). Pass the right name with "
                         f"--text_field NAME")
+    if filters and not passes(obj, filters, f"{path}:{lineno}"):
+        return None
     text = obj[field]
     if not isinstance(text, str):
         raise DataError(f"{path}:{lineno}: field '{field}' is {type(text).__name__}, not a string")
     return text
 
 
-def _parquet_file(path):
+def parquet_file(path):
     try:
         import pyarrow.parquet as pq  # only needed for .parquet files
     except ImportError:
@@ -110,17 +152,28 @@ def _parquet_file(path):
     return pq.ParquetFile(path)
 
 
-def _read_parquet(path, field):
-    pf = _parquet_file(path)
+def _read_parquet(path, field, filters, row_groups=None):
+    pf = parquet_file(path)
     names = pf.schema_arrow.names
+    cols = [field] + sorted({c for c, _, _ in filters} - {field})
     if field not in names:
         raise DataError(f"{path}: missing text column '{field}' (columns: {names}). Pass the right name with "
                         f"--text_field NAME")
-    size, rows = os.path.getsize(path), max(1, pf.metadata.num_rows)
-    for batch in pf.iter_batches(columns=[field], batch_size=1024):
-        texts = batch.column(0).to_pylist()
-        for t in texts:
-            yield (t or ""), size / rows
+    missing = [c for c in cols if c not in names]
+    if missing:
+        raise DataError(f"{path}: no column '{missing[0]}' to filter on (columns: {names})")
+    meta = pf.metadata
+    rows = max(1, meta.num_rows)
+    groups = range(meta.num_row_groups) if row_groups is None else row_groups
+    for g in groups:  # a row group at a time: memory stays that of one row group, whatever the file's size
+        size = os.path.getsize(path) * meta.row_group(g).num_rows / rows
+        for batch in pf.iter_batches(columns=cols, batch_size=1024, row_groups=[g]):
+            table = batch.to_pydict()
+            texts = table[field]
+            for k, t in enumerate(texts):
+                if not filters or passes({c: table[c][k] for c in cols}, filters, path):
+                    yield (t or ""), 0
+        yield "", size  # the row group's bytes, for the progress bar (an empty document is dropped where tokenized)
 
 
 def iter_rows(path):
@@ -129,7 +182,7 @@ def iter_rows(path):
     the caller to report or count. chat.py's rows and eval.py's task files are read here."""
     if path.endswith(".parquet"):
         k = 0
-        for batch in _parquet_file(path).iter_batches(batch_size=4096):
+        for batch in parquet_file(path).iter_batches(batch_size=4096):
             for row in batch.to_pylist():
                 k += 1
                 yield k, row
@@ -147,14 +200,18 @@ def iter_rows(path):
                     yield k, e
 
 
-def iter_documents(files, field="text"):
-    for path in files:
+def iter_documents(files, field="text", filters=()):
+    # files: paths, or (path, row groups) for part of a .parquet file
+    for item in files:
+        path, groups = item if isinstance(item, tuple) else (item, None)
         kind = file_kind(path)
         if kind == "text":
+            if filters:
+                raise DataError(f"{path}: --filter selects rows by their columns, and a {', '.join(TEXT_EXTS)} file is "
+                                f"one document without columns; filter .jsonl or .parquet sources")
             with open(path, encoding="utf-8", errors="replace") as f:
                 yield f.read(), os.path.getsize(path)
         elif kind == "jsonl":
-            yield from _read_jsonl(path, field)
+            yield from _read_jsonl(path, field, tuple(filters))
         else:
-            yield from _read_parquet(path, field)
-
+            yield from _read_parquet(path, field, tuple(filters), groups)

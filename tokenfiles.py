@@ -8,6 +8,9 @@ A data directory (all integers little-endian):
   a source prepare.py tokenized:
     DIR/NAME/train.bin, val.bin          1024-byte header, then uint16 tokens; every document ends with <|endoftext|>
     DIR/NAME/train.idx, val.idx          1024-byte header, then uint64 document start offsets (n_docs + 1 of them)
+  a source prepared in N tasks (prepare.py --task=i/N, then --merge; meta.json's "format": "parts"):
+    DIR/NAME/part-I-of-N/train.*         each task's training documents, read in place, in order
+    DIR/NAME/val.bin, val.idx            every task's validation documents, gathered by the merge
   a datatrove folder that prepare.py registered (meta.json's "format": "datatrove"; nothing copied):
     FOLDER/*.ds                          uint16 tokens (datatrove's DocumentTokenizer, one file per task)
     FOLDER/*.ds.index                    uint64 document ends; the last equals the shard's token count
@@ -128,16 +131,20 @@ def check_data_dir(data_dir, names=None):
         for split in ("train", "val") if meta.get("format") == "datatrove" else ():
             source_shards(data_dir, n, split, meta)  # each shard's size and index against what prepare.py registered
         for split in ("train", "val") if meta.get("format") != "datatrove" else ():
-            hb = read_header(os.path.join(data_dir, n, f"{split}.bin"), cmd)
-            hi = read_header(os.path.join(data_dir, n, f"{split}.idx"), cmd)
-            if hb["identity"] != meta["tokenizer"] or hi["identity"] != meta["tokenizer"]:
-                raise DataError(f"{data_dir}/{n}/{split}.bin: tokenizer {hb['identity']} in the header, "
-                                f"{meta['tokenizer']} in meta.json" + _hint(cmd))
-            want = meta["n_tokens" if split == "train" else "val_tokens"]
-            if not (hb["kind"] == KIND_TOKENS and hi["kind"] == KIND_INDEX and hb["n_tokens"] == hi["n_tokens"] == want
-                    and hb["n_docs"] == hi["n_docs"] and hi["n_items"] == hb["n_docs"] + 1):
-                raise DataError(f"{data_dir}/{n}/{split}.*: headers disagree with each other or with meta.json "
-                                f"(mixed files from different runs?)" + _hint(cmd))
+            got = 0
+            for stem in token_stems(data_dir, n, split, meta):
+                hb, hi = read_header(stem + ".bin", cmd), read_header(stem + ".idx", cmd)
+                if hb["identity"] != meta["tokenizer"] or hi["identity"] != meta["tokenizer"]:
+                    raise DataError(f"{stem}.bin: tokenizer {hb['identity']} in the header, {meta['tokenizer']} in "
+                                    f"meta.json" + _hint(cmd))
+                if not (hb["kind"] == KIND_TOKENS and hi["kind"] == KIND_INDEX and hb["n_tokens"] == hi["n_tokens"]
+                        and hb["n_docs"] == hi["n_docs"] and hi["n_items"] == hb["n_docs"] + 1):
+                    raise DataError(f"{stem}.*: headers disagree with each other (mixed files from different runs?)"
+                                    + _hint(cmd))
+                got += hb["n_tokens"]
+            if got != meta["n_tokens" if split == "train" else "val_tokens"]:
+                raise DataError(f"{data_dir}/{n}/{split}: {got:,} tokens in the files, not what meta.json says (mixed "
+                                f"files from different runs?)" + _hint(cmd))
         if ident is not None and meta["tokenizer"] != ident:
             raise DataError(f"{data_dir}: sources were tokenized with different tokenizers ({ident} and "
                             f"{meta['tokenizer']} in {n}); re-prepare them with one tokenizer" + _hint(cmd))
@@ -183,14 +190,21 @@ def read_meta(data_dir, name):
         return json.load(f)
 
 
+def token_stems(data_dir, name, split, meta):
+    # a split's token files in nanosmol's format (STEM.bin, STEM.idx): the source's own, or its training split's parts
+    # when prepare.py made it in tasks (--task=i/N, then --merge: each part is read in place, in order)
+    if meta.get("format") == "parts" and split == "train":
+        return [os.path.join(data_dir, name, part, "train") for part in meta["parts"]]
+    return [os.path.join(data_dir, name, split)]
+
+
 def source_shards(data_dir, name, split, meta=None):
     """A split's token arrays and the document ends of each: [(uint16 tokens, ends)], memory-mapped, never copied. A
-    source prepare.py tokenized has one (SPLIT.bin, SPLIT.idx). A datatrove folder, which prepare.py registers in place,
+    source prepare.py tokenized has one (SPLIT.bin, SPLIT.idx), or one per task (--task) for training. A datatrove folder, which prepare.py registers in place,
     has its shards: its val split is the tail of the last shard, its train split the rest."""
     meta = meta or read_meta(data_dir, name)
     if meta.get("format") != "datatrove":
-        return [(open_tokens(os.path.join(data_dir, name, f"{split}.bin")),
-                 open_tokens(os.path.join(data_dir, name, f"{split}.idx"))[1:])]
+        return [(open_tokens(s + ".bin"), open_tokens(s + ".idx")[1:]) for s in token_stems(data_dir, name, split, meta)]
     shards = [open_datatrove(os.path.join(meta["folder"], f["file"]), f["n_tokens"], f["n_docs"], meta.get("command"))
               for f in meta["files"]]
     (toks, ends), cut = shards[-1], meta["val_from"]  # val: the last shard's documents from token val_from on
