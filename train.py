@@ -65,6 +65,7 @@ data_dir = "data_cache/quickstart"  # a directory built by prepare.py (its manif
 data_prepare = "auto"         # a prepare.py preset to build into data_dir first when incomplete (rank 0); "auto": the
                               # quickstart corpus when data_dir is its directory (so `python train.py` runs offline); "": never
 stages = None                 # data.MixtureLoader stages (a stage may add block_size, batch_size, rope_theta); None: one stage, every source of data_dir at its share of tokens
+sources = {}                  # where prepare.py --config finds each source: name -> dict(hub=, files=, text=, filter=) (sources.py)
 total_batch_tokens = 1048576  # global batch per optimizer step, in tokens (512 x 2048 for 135M)
 micro_batch_size = 16         # sequences per GPU per forward/backward
 block_size = 2048             # context length (a stage may change it)

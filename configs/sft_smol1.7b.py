@@ -3,14 +3,14 @@
 # The handbook pads 128 conversations of up to 8192 tokens per step; here they are packed, 2 x 8 x 8192 tokens per step.
 # Data and weights (on a machine with a network), then prepare and launch:
 #   hf download HuggingFaceTB/SmolLM2-1.7B --local-dir /models/SmolLM2-1.7B
-#   hf download HuggingFaceTB/smoltalk --repo-type dataset --include 'data/all/*' --local-dir /data/smoltalk
-#   python prepare.py --chat sft --out data_cache/smoltalk --tokenizer /models/SmolLM2-1.7B \
-#       --source /data/smoltalk/data/all --max_len 8192
+#   python prepare.py --check configs/sft_smol1.7b.py      # is its data (`sources` below) in data_sources/? how to fetch it
+#   python prepare.py --config configs/sft_smol1.7b.py --tokenizer /models/SmolLM2-1.7B
 #   torchrun --standalone --nproc_per_node=8 train.py configs/sft_smol1.7b.py
 objective = "sft"
 init_from = "/models/SmolLM2-1.7B"
 out_dir = "out/sft_smol1.7b"
 data_dir = "data_cache/smoltalk"
+sources = {"smoltalk": dict(hub="HuggingFaceTB/smoltalk", files="data/all/*.parquet", max_len=8192)}  # (sources.py)
 block_size = 8192
 micro_batch_size = 1
 total_batch_tokens = 131072

@@ -4,15 +4,15 @@
 # conversation split, no attention across them), 2 x 65,536 tokens per step, about as many conversations.
 # Data and weights (on a machine with a network), then prepare and launch:
 #   hf download HuggingFaceTB/SmolLM2-360M --local-dir /models/SmolLM2-360M
-#   hf download HuggingFaceTB/smol-smoltalk --repo-type dataset --local-dir /data/smol-smoltalk
-#   python prepare.py --chat sft --out data_cache/smol-smoltalk --tokenizer /models/SmolLM2-360M \
-#       --source /data/smol-smoltalk/data --max_len 8192
+#   python prepare.py --check configs/sft_smol360m.py      # is its data (`sources` below) in data_sources/? how to fetch it
+#   python prepare.py --config configs/sft_smol360m.py --tokenizer /models/SmolLM2-360M
 #   torchrun --standalone --nproc_per_node=8 train.py configs/sft_smol360m.py
 #   python sample.py --chat=True --init_from=out/sft_smol360m; python eval.py --init_from=out/sft_smol360m --chat=True ...
 objective = "sft"
 init_from = "/models/SmolLM2-360M"   # or a local HF directory / .gguf / a train.py out_dir
 out_dir = "out/sft_smol360m"
 data_dir = "data_cache/smol-smoltalk"
+sources = {"smol-smoltalk": dict(hub="HuggingFaceTB/smol-smoltalk", files="data/*.parquet", max_len=8192)}  # (sources.py)
 block_size = 8192
 micro_batch_size = 1
 total_batch_tokens = 131072

@@ -1,7 +1,7 @@
 # SmolLM2-1.7B pretraining: ~11T tokens in four data stages (REFERENCE.md §3, paper §4 and Fig. 2).
-#   data:   python prepare.py --out data_cache/smol --tokenizer $SMOLLM2_TOKENIZER \
-#               --source fineweb-edu=/data/fineweb-edu --source dclm=/data/dclm --source starcoderdata=/data/starcoderdata ...
-#           ($SMOLLM2_TOKENIZER: a tokenizer.json, HF directory or .gguf; one --source NAME=PATH per name in `stages`: fineweb-edu, dclm, starcoderdata, owm, stack-edu, infimm-webmath, finemath, infiwebmath, auggsm8k, cosmopedia-v2)
+#   data:   python prepare.py --check configs/smol1.7b.py     # which sources (`sources` below) are missing, and how to fetch each
+#           python prepare.py --config configs/smol1.7b.py --tokenizer $SMOLLM2_TOKENIZER   # all of them into data_cache/smol
+#           ($SMOLLM2_TOKENIZER: a tokenizer.json, HF directory or .gguf; --task=I/N splits it over a job array)
 #   launch: torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
 #               --rdzv_endpoint=$HEAD_NODE:29500 train.py configs/smol1.7b.py
 #   resume after a preemption: the same command with --init_from=resume
@@ -46,6 +46,27 @@ stages = [
                                                   "finemath": 0.08, "infiwebmath": 0.04, "owm": 0.01,
                                                   "auggsm8k": 0.01, "cosmopedia-v2": 0.04}},
 ]
+
+# where each source comes from (sources.py): the Hub dataset, its files as the Hub lays them out (the glob that
+# `hf download --include` takes), the text column and a row filter. python prepare.py --check configs/smol1.7b.py says
+# which are missing from data_sources/ and the command that fetches each; --config prepares them all.
+sources = {
+    "fineweb-edu": dict(hub="HuggingFaceFW/fineweb-edu", files="data/*/*.parquet", text="text",
+                        filter="int_score>=3"),        # FineWeb-Edu's own threshold (the published set holds >= 3)
+    "dclm": dict(hub="mlfoundations/dclm-baseline-1.0-parquet", files="**/*.parquet", text="text"),
+    "starcoderdata": dict(hub="bigcode/starcoderdata", files="*/*.parquet", text="content"),  # (gated: accept its terms)
+    "owm": dict(hub="open-web-math/open-web-math", files="data/*.parquet", text="text"),
+    "stack-edu": dict(hub="HuggingFaceTB/stack-edu", files="*/*.parquet", text="text",
+                      note="Stack-Edu ships Software Heritage blob ids, not code: run the download script on its dataset "
+                           "card (it adds a text column) and save the result as parquet under data_sources/stack-edu/"),
+    "infimm-webmath": dict(hub="HuggingFaceTB/finemath", files="infiwebmath-3plus/*.parquet", text="text"),
+    "finemath": dict(hub="HuggingFaceTB/finemath", files="finemath-4plus/*.parquet", text="text"),
+    "infiwebmath": dict(hub="HuggingFaceTB/finemath", files="infiwebmath-4plus/*.parquet", text="text"),
+    "auggsm8k": dict(hub="", files="*.jsonl", text="text",
+                     note="AugGSM8K has no Hub copy the paper names: put your copy under data_sources/auggsm8k/ as .jsonl "
+                          "with a text field"),
+    "cosmopedia-v2": dict(hub="HuggingFaceTB/smollm-corpus", files="cosmopedia-v2/*.parquet", text="text"),
+}
 
 eval_interval = 2000
 eval_batches = 20

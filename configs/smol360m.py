@@ -1,7 +1,7 @@
 # SmolLM2-360M pretraining (REFERENCE.md §3: the nanotron config_smollm2_360M.yaml recipe), ~4T tokens.
-#   data:   python prepare.py --out data_cache/smol --tokenizer $SMOLLM2_TOKENIZER \
-#               --source fineweb-edu=/data/fineweb-edu --source dclm=/data/dclm --source stack-edu=/data/stack-edu ...
-#           ($SMOLLM2_TOKENIZER: a tokenizer.json, HF directory or .gguf; one --source NAME=PATH per name in `stages`: fineweb-edu, dclm, stack-edu, infimm-webmath, finemath, cosmopedia-v2)
+#   data:   python prepare.py --check configs/smol360m.py     # which sources (`sources` below) are missing, and how to fetch each
+#           python prepare.py --config configs/smol360m.py --tokenizer $SMOLLM2_TOKENIZER   # all of them into data_cache/smol
+#           ($SMOLLM2_TOKENIZER: a tokenizer.json, HF directory or .gguf; --task=I/N splits it over a job array)
 #   launch: torchrun --nnodes=6 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
 #               --rdzv_endpoint=$HEAD_NODE:29500 train.py configs/smol360m.py
 #   (any world size whose micro-batch tokens divide the global batch works: 8 GPUs -> 6 accumulation steps)
@@ -32,6 +32,21 @@ stages = [
     {"start": 0, "weights": {"fineweb-edu": 0.30, "dclm": 0.30, "stack-edu": 0.20, "infimm-webmath": 0.05,
                              "finemath": 0.10, "cosmopedia-v2": 0.05}},
 ]
+
+# where each source comes from (sources.py): the Hub dataset, its files as the Hub lays them out (the glob that
+# `hf download --include` takes), the text column and a row filter. python prepare.py --check configs/X.py says which
+# are missing from data_sources/ and the command that fetches each; --config prepares them all.
+sources = {
+    "fineweb-edu": dict(hub="HuggingFaceFW/fineweb-edu", files="data/*/*.parquet", text="text",
+                        filter="int_score>=3"),        # FineWeb-Edu's own threshold (the published set holds >= 3)
+    "dclm": dict(hub="HuggingFaceTB/dclm-edu", files="data/*.parquet", text="text"),  # DCLM, FineWeb-Edu score > 2
+    "stack-edu": dict(hub="HuggingFaceTB/stack-edu", files="*/*.parquet", text="text",
+                      note="Stack-Edu ships Software Heritage blob ids, not code: run the download script on its dataset "
+                           "card (it adds a text column) and save the result as parquet under data_sources/stack-edu/"),
+    "infimm-webmath": dict(hub="HuggingFaceTB/finemath", files="infiwebmath-3plus/*.parquet", text="text"),
+    "finemath": dict(hub="HuggingFaceTB/finemath", files="finemath-3plus/*.parquet", text="text"),
+    "cosmopedia-v2": dict(hub="HuggingFaceTB/smollm-corpus", files="cosmopedia-v2/*.parquet", text="text"),
+}
 
 eval_interval = 2000
 eval_batches = 20
