@@ -286,6 +286,8 @@ def prepare(out_dir, sources, tokenizer=None, train_vocab=None, workers=None, te
         units = work_units(fs)[i::n]
         part = os.path.join(out_dir, name, part_name(i, n))
         os.makedirs(part, exist_ok=True)
+        if os.path.exists(os.path.join(out_dir, name, "meta.json")):  # a merged source: incomplete until merged again
+            os.remove(os.path.join(out_dir, name, "meta.json"))
         tok.save(part)
         metas[name] = prepare_source(part_name(i, n), iter_documents([u for u, _ in units], text_field, filters),
                                      sum(b for _, b in units), os.path.join(out_dir, name), tok, tok_path, workers,
@@ -539,7 +541,7 @@ def main(argv=None):
             if not a.out or a.source or a.task:
                 p.error("--merge takes --out DIR only (after every --task has finished)")
             merge(a.out)
-            check_tokens(a.out)
+            check_data_dir(a.out)  # every source as a run opens it (prepare.py --check DIR reads every token too)
             return 0
         if a.preset:
             prepare_preset(a.preset, a.out, workers=a.workers or None)
