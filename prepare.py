@@ -30,7 +30,8 @@ import chat
 import corpus
 from rows import DataError, doc_text, file_kind, iter_documents, parquet_file, parse_filter, resolve_files
 from sources import SOURCES_DIR, check_config, config_data
-from tokenfiles import TokenWriter, check_data_dir, check_tokens, datatrove_shards, register_datatrove, source_shards
+from tokenfiles import (TokenWriter, check_data_dir, check_tokens, datatrove_shards, register_datatrove, source_shards,
+                        write_meta)
 from tokenizer import load_tokenizer, smollm2_gguf_path
 
 EOT = "<|endoftext|>"  # appended after every document, as SmolLM2's pretraining tokenization does (no BOS)
@@ -192,9 +193,7 @@ def prepare_source(name, docs, total_bytes, out_dir, tok, tok_path, workers, val
                 val_tokens=val.n_tokens, text_bytes=n_text, input_bytes=int(n_bytes),
                 bytes_per_token=round(n_text / max(1, n_tok), 3), seconds=round(secs, 2), vocab_size=tok.vocab_size,
                 eos_id=eos, tokenizer=tok.identity, command=cmd, **(extra or {}))
-    with open(os.path.join(d, f"meta.json.tmp{os.getpid()}"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(d, f"meta.json.tmp{os.getpid()}"), os.path.join(d, "meta.json"))
+    write_meta(d, meta)
     print(f"{name}: {train.n_docs + val.n_docs:,} documents, {n_tok:,} tokens ({val.n_tokens:,} val), "
           f"{n_text / max(1, n_tok):.2f} bytes/token, {n_text / 1e6 / secs:.2f} MB/s, {secs:.1f} s", flush=True)
     return meta
@@ -370,9 +369,7 @@ def merge(out_dir):
         if meta["n_docs"] == 0 or meta["val_docs"] == 0:
             raise DataError(f"{d}: the {n} parts hold {meta['n_docs']} training and {meta['val_docs']} validation "
                             f"documents; a source needs both")
-        with open(os.path.join(d, f"meta.json.tmp{os.getpid()}"), "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(os.path.join(d, f"meta.json.tmp{os.getpid()}"), os.path.join(d, "meta.json"))
+        write_meta(d, meta)
         metas[name] = meta
         print(f"{name}: {n} parts merged: {meta['n_docs'] + meta['val_docs']:,} documents, {meta['n_tokens']:,} "
               f"training tokens read in place, {meta['val_tokens']:,} validation tokens gathered", flush=True)

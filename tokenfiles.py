@@ -190,6 +190,14 @@ def read_meta(data_dir, name):
         return json.load(f)
 
 
+def write_meta(source_dir, meta):
+    # meta.json last, in one step: a source without it is incomplete, and nothing reads one half written
+    tmp = os.path.join(source_dir, f"meta.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(source_dir, "meta.json"))
+
+
 def token_stems(data_dir, name, split, meta):
     # a split's token files in nanosmol's format (STEM.bin, STEM.idx): the source's own, or its training split's parts
     # when prepare.py made it in tasks (--task=i/N, then --merge: each part is read in place, in order)
@@ -200,8 +208,9 @@ def token_stems(data_dir, name, split, meta):
 
 def source_shards(data_dir, name, split, meta=None):
     """A split's token arrays and the document ends of each: [(uint16 tokens, ends)], memory-mapped, never copied. A
-    source prepare.py tokenized has one (SPLIT.bin, SPLIT.idx), or one per task (--task) for training. A datatrove folder, which prepare.py registers in place,
-    has its shards: its val split is the tail of the last shard, its train split the rest."""
+    source prepare.py tokenized has one (SPLIT.bin, SPLIT.idx), or for training one per task (--task). A datatrove
+    folder, which prepare.py registers in place, has its shards: its val split is the tail of the last shard, its train
+    split the rest."""
     meta = meta or read_meta(data_dir, name)
     if meta.get("format") != "datatrove":
         return [(open_tokens(s + ".bin"), open_tokens(s + ".idx")[1:]) for s in token_stems(data_dir, name, split, meta)]
@@ -287,10 +296,11 @@ def register_datatrove(out_dir, name, folder, tok, val_frac=0.01, val_tokens=1_0
         ids = toks[0 if k == 0 else int(ends[k - 1]):int(ends[k]) - 1].tolist()
         text = tok.decode([i for i in ids if i < tok.vocab_size])
         if max(ids, default=0) >= tok.vocab_size or tok.encode(text) != ids:
-            raise DataError(f"{folder}: its documents were tokenized with {' or '.join(sorted(named)) or 'another tokenizer'}"
-                            f", not with {out_dir}'s tokenizer (identity {tok.identity}: document {k} of {files[0]['file']} "
-                            f"does not re-encode to its ids); prepare into a data directory of that tokenizer "
-                            f"(--tokenizer), or tokenize with this one")
+            other = " or ".join(sorted(named)) or "another tokenizer"
+            raise DataError(f"{folder}: its documents were tokenized with {other}, not with {out_dir}'s tokenizer "
+                            f"(identity {tok.identity}: document {k} of {files[0]['file']} does not re-encode to its "
+                            f"ids); prepare into a data directory of that tokenizer (--tokenizer), or tokenize with "
+                            f"this one")
         n_text, n_tok = n_text + len(text.encode()), n_tok + len(ids) + 1
     # the val split: the last documents of the last shard (datatrove shuffles the documents of each shard)
     toks, ends = open_datatrove(os.path.join(folder, files[-1]["file"]), files[-1]["n_tokens"], files[-1]["n_docs"])
@@ -306,11 +316,8 @@ def register_datatrove(out_dir, name, folder, tok, val_frac=0.01, val_tokens=1_0
                 n_docs=sum(f["n_docs"] for f in files) - (len(ends) - k), vocab_size=tok.vocab_size, eos_id=eos,
                 tokenizer=tok.identity, datatrove_tokenizer=sorted(named), bytes_per_token=round(n_text / n_tok, 3),
                 command=cmd)
-    d = os.path.join(out_dir, name)
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"meta.json.tmp{os.getpid()}"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(d, f"meta.json.tmp{os.getpid()}"), os.path.join(d, "meta.json"))
+    os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+    write_meta(os.path.join(out_dir, name), meta)
     print(f"{name}: datatrove folder {folder}, {len(files)} shards, {meta['n_docs'] + meta['val_docs']:,} documents, "
           f"{total:,} tokens ({meta['val_tokens']:,} val), read in place", flush=True)
     return meta
