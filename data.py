@@ -25,6 +25,7 @@ from tokenfiles import check_data_dir, list_sources, source_shards
 # -----------------------------------------------------------------------------
 # packing and windows
 
+
 def best_fit(lengths, order, capacity):
     """Bin packing, best fit: documents (indices, in `order`) into rows of `capacity` tokens, each into the row with the
     least room that still holds it; none is split (one longer than capacity gets a row of its own). SFT packs

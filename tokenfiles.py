@@ -55,7 +55,7 @@ def read_header(path, cmd=None):
         raise DataError(f"{path}: not a nanosmol token file (bad magic number)" + _hint(cmd))
     h = np.frombuffer(raw, "<i8")
     if h[1] != VERSION:
-        raise DataError(f"{path}: format version {h[1]}, this data.py reads version {VERSION}" + _hint(cmd))
+        raise DataError(f"{path}: format version {h[1]}, this tokenfiles.py reads version {VERSION}" + _hint(cmd))
     hd = dict(kind=int(h[2]), n_items=int(h[3]), itemsize=int(h[4]), n_tokens=int(h[5]), n_docs=int(h[6]),
               vocab_size=int(h[7]), eos_id=int(h[8]), identity=raw[128:256].rstrip(b"\0").decode())
     size, want = os.path.getsize(path), HEADER_BYTES + hd["n_items"] * hd["itemsize"]
