@@ -136,9 +136,11 @@ def compare(sweep, baseline=None, pairs=None):
         if not seeds:
             verdicts.append(f"{v} vs {ref}: no seed in common, nothing to pair")
             continue
-        diff, half = t_interval([bpb[v][s]["all"] - bpb[ref][s]["all"] for s in seeds])
-        verdicts.append(verdict(v, ref, "val bpb", diff, None if half is None else diff - half,
-                                None if half is None else diff + half, lower_is_better=True))
+        for src in ["all"] + [s for s in sources if all(s in bpb[x][k] for x in (v, ref) for k in seeds)]:
+            diff, half = t_interval([bpb[v][s][src] - bpb[ref][s][src] for s in seeds])  # overall, then per source
+            verdicts.append(verdict(v, ref, "val bpb" if src == "all" else f"bpb {src}", diff,
+                                    None if half is None else diff - half, None if half is None else diff + half,
+                                    lower_is_better=True))
         for m in metrics:
             a = [items[v][s].get(m) for s in seeds]
             b = [items[ref][s].get(m) for s in seeds]

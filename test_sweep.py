@@ -73,8 +73,9 @@ def test_a_sweep_runs_each_variant_and_seed_once_and_resumes(tiny_config, tmp_pa
     assert "| variant | seeds | val bpb | bpb code | bpb math | bpb prose |" in md and "sums/acc" in md
     assert md.count("| 2 |") == 2  # two variants, two seeds each
     verdicts = [line for line in md.splitlines() if line.startswith("- ")]
-    assert len(verdicts) == 2 and all(" vs " in v and "95% CI" in v for v in verdicts), verdicts
-    assert any("val bpb" in v for v in verdicts) and any("sums/acc" in v for v in verdicts)
+    assert len(verdicts) == 5 and all(" vs " in v and "95% CI" in v for v in verdicts), verdicts  # bpb, 3 sources, acc
+    assert [v.split(", ")[1].split(":")[0] for v in verdicts] == ["val bpb", "bpb code", "bpb math", "bpb prose",
+                                                                   "sums/acc"]
     pytest.importorskip("matplotlib")
     import matplotlib.image
     img = matplotlib.image.imread(str(tmp_path / "cmp" / "curves.png"))
@@ -152,14 +153,16 @@ def test_the_shipped_ablations_are_valid_train_configs(name):
 
 def test_compare_pairs_chosen_variants():
     # runs as report.load_run gives them, without checkpoints (no eval_tasks): the bpb table and the chosen pairs only
-    def fake(bpb):
-        return dict(path="x", name="x", config={}, log="", train=[], evals=[{"step": 10, "val_bpb": bpb}])
-    sweep_runs = {"branch": {1: fake(1.30), 2: fake(1.31), 3: fake(1.315)},
-                  "separate": {1: fake(1.30), 2: fake(1.32), 3: fake(1.31)},
-                  "long": {1: fake(1.10), 2: fake(1.11), 3: fake(1.12)}}
+    def fake(bpb, code):
+        return dict(path="x", name="x", config={}, log="", train=[],
+                    evals=[{"step": 10, "val_bpb": bpb, "val_bpb/code": code}])
+    sweep_runs = {"branch": {1: fake(1.30, 1.5), 2: fake(1.31, 1.6), 3: fake(1.315, 1.7)},
+                  "separate": {1: fake(1.30, 1.4), 2: fake(1.32, 1.5), 3: fake(1.31, 1.6)},
+                  "long": {1: fake(1.10, 1.2), 2: fake(1.11, 1.3), 3: fake(1.12, 1.4)}}
     lines, verdicts, ranked = compare.compare(sweep_runs, pairs=[("branch", "separate")])
     assert ranked == ["long", "branch", "separate"] and len(lines) == 5
-    assert len(verdicts) == 1 and verdicts[0].startswith("branch vs separate, val bpb: no significant difference")
+    assert len(verdicts) == 2 and verdicts[0].startswith("branch vs separate, val bpb: no significant difference")
+    assert verdicts[1].startswith("branch vs separate, bpb code: branch is worse by 0.1000")  # the same 0.1 per seed
     lines, verdicts, _ = compare.compare(sweep_runs)  # each against the best
-    assert [v.split(",")[0] for v in verdicts] == ["branch vs long", "separate vs long"]
+    assert [v.split(",")[0] for v in verdicts] == ["branch vs long"] * 2 + ["separate vs long"] * 2
     assert all("is worse by" in v for v in verdicts)
